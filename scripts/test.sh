@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Installs (first run only; the virtualenv lives outside the clone, keyed on the dependency spec)
+# and runs the linter and the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+bash scripts/system_deps.sh
+ruff check src tests benchmarks
+python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,58 @@
+"""The ``rscir`` command line: one subcommand module per capability under ``rscir.commands``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .commands import ann, bench, core, serve, train
+
+COMMAND_MODULES = (core, bench, train, ann, serve)
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rscir",
+        description="Composed image retrieval (image + text modifier) for remote-sensing archives.",
+    )
+    p.add_argument("--version", action="version", version=f"rscir {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for mod in COMMAND_MODULES:
+        mod.register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        rc = args.func(args)
+    except BrokenPipeError:  # e.g. `rscir search ... | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("rscir: interrupted", file=sys.stderr)
+        return 130
+    except (CliError, OSError, ValueError, RuntimeError, KeyError) as e:
+        if args.verbose:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"rscir {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

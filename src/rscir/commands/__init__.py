@@ -1,0 +1,1 @@
+"""Subcommand modules of the rscir CLI; each exposes ``register(subparsers)``."""

@@ -1,0 +1,166 @@
+"""`rscir index`, `rscir search`, `rscir info`: the core capability on an embedded store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="registry model name (see `rscir models`)")
+    g.add_argument("--arch", help="any open_clip architecture, with --checkpoint")
+    g.add_argument("--checkpoint", help="local weights file (open_clip state dict)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+
+
+def parse_lams(spec: str) -> list[float]:
+    """'0.5', '0,0.25,1' or a sweep 'start:stop:step' (inclusive)."""
+    spec = spec.strip()
+    if ":" in spec:
+        a, b, s = (float(x) for x in spec.split(":"))
+        if s <= 0:
+            raise ValueError("λ sweep step must be > 0")
+        n = int(round((b - a) / s)) + 1
+        return [round(a + i * s, 10) for i in range(n)]
+    return [float(x) for x in spec.split(",") if x.strip()]
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("index", help="index (or resume indexing) a folder of images into a store")
+    p.add_argument("folder", help="archive folder (searched recursively)")
+    p.add_argument("--store", required=True, help="store directory (created if absent)")
+    add_model_args(p)
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores)")
+    p.add_argument("--labels", choices=["folder", "none"], default="folder",
+                   help="class label from the parent folder name, or none")
+    p.add_argument("--labels-csv", help="CSV of labels per file (path + label, or 0/1 columns)")
+    p.add_argument("--segment-size", type=int, default=2048, help="items per atomic commit")
+    p.add_argument("--max-pixels", type=int, default=100_000_000)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="composed search: query image + text modifier")
+    p.add_argument("store", help="store directory")
+    p.add_argument("--image", help="query image file")
+    p.add_argument("--item-id", type=int, help="an archive item id as the query image")
+    p.add_argument("--text", action="append", default=[], help="text modifier (repeat to average)")
+    p.add_argument("--method", default="weicom",
+                   choices=["weicom", "image", "text", "average", "sum", "product"])
+    p.add_argument("--lam", type=float, default=0.5, help="λ: 0 = image only, 1 = text only")
+    p.add_argument("--lams", help="several λ, e.g. 0,0.25,0.5,0.75,1 or 0:1:0.25")
+    p.add_argument("-k", type=int, default=20)
+    p.add_argument("--include-query", action="store_true", help="keep the query item in results")
+    p.add_argument("--json", action="store_true", help="machine-readable results")
+    p.add_argument("--sheet", help="write a contact sheet PNG here")
+    add_model_args(p)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("info", help="describe a store")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("models", help="list the registry's models")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_index(a: argparse.Namespace) -> int:
+    from ..api import index
+
+    if a.batch_size < 1 or a.segment_size < 1:
+        raise ValueError("--batch-size and --segment-size must be >= 1")
+    rep = index(
+        a.folder, a.store, model=a.model, arch=a.arch, checkpoint=a.checkpoint, device=a.device,
+        labels="csv" if a.labels_csv and a.labels == "none" else a.labels,
+        labels_csv=a.labels_csv, dtype=a.dtype, batch_size=a.batch_size, num_workers=a.workers,
+        segment_size=a.segment_size, max_pixels=a.max_pixels, progress=not a.no_progress,
+    )
+    if a.json:
+        print(json.dumps(rep.to_dict(), indent=1))
+    else:
+        print(rep.summary())
+    return 0
+
+
+def cmd_search(a: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from ..api import load_encoder_for_store
+    from ..ingest import load_image
+    from ..search import Searcher
+    from ..sheet import contact_sheet
+    from ..store import Store
+
+    if a.k < 1:
+        raise ValueError("-k must be >= 1")
+    lams = parse_lams(a.lams) if a.lams else [a.lam]
+    store = Store.open(a.store)
+    enc = load_encoder_for_store(store, model=a.model, arch=a.arch, checkpoint=a.checkpoint,
+                                 device=a.device)
+    s = Searcher(store, enc)
+    query_img: Image.Image | None = None
+    if a.image:
+        if not Path(a.image).is_file():
+            raise FileNotFoundError(f"query image not found: {a.image}")
+        query_img, _ = load_image(a.image)
+    elif a.item_id is not None:
+        row = int(store.rows_for_ids([a.item_id])[0])
+        query_img, _ = load_image(store.resolve_path(str(store.items["path"].iloc[row])))
+    results = [
+        s.search(image=a.image, item_id=a.item_id, text=a.text or None, lam=lam, k=a.k,
+                 method=a.method, exclude_query=not a.include_query)
+        for lam in lams
+    ]
+    if a.json:
+        out: dict[str, Any] = {
+            "query": {"image": a.image, "item_id": results[0].query_id, "texts": a.text,
+                      "method": a.method},
+            "results": [{"lam": r.lam, "hits": r.to_records()} for r in results],
+        }
+        json.dump(out, sys.stdout, indent=1)
+        print()
+    else:
+        for r in results:
+            print(f"# method={r.method} λ={r.lam:g} text={' + '.join(r.texts) or '-'}")
+            for h in r.hits:
+                print(f"{h.rank:>4}  id={h.id:<8} {h.score:9.5f}  {h.path}")
+    if a.sheet:
+        path = contact_sheet(store, results, query_img, a.sheet)
+        print(f"contact sheet written to {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from ..store import Store
+
+    info = Store.open(a.store).info()
+    if a.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    m = info.pop("model")
+    for k, v in info.items():
+        print(f"{k:>14}: {v}")
+    print(f"{'model':>14}: {m['name']} ({m['arch']}, dim {m['dim']}, {m['backend']})")
+    print(f"{'weights':>14}: {m['fingerprint']}  source={m['source']}")
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from ..encoders.registry import default_registry
+
+    reg = default_registry()
+    for name in reg.names():
+        spec = reg.specs[name]
+        src = spec.hub_repo and f"hf-hub:{spec.hub_repo}/{spec.hub_file}" or (
+            spec.open_clip_tag and f"open_clip:{spec.open_clip_tag}") or spec.backend
+        star = " (default)" if name == reg.default_model else ""
+        print(f"{name:<22} {spec.arch:<12} {src}{star}  {spec.description}")
+    print("\nany open_clip architecture: --arch ARCH --checkpoint FILE (a local state dict)")
+    return 0

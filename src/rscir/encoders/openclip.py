@@ -1,0 +1,276 @@
+"""open_clip backend: any open_clip architecture with weights from a local file, the HF hub,
+or a seeded random initialization (tests)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import Encoder, ModelInfo, ModelMismatchError, ModelUnavailableError, fingerprint_file
+
+HF_HOST = "huggingface.co"
+
+
+def add_rscir_configs() -> None:
+    """Make the architectures shipped with rscir (e.g. the tiny test model) known to open_clip."""
+    import open_clip
+
+    cfg_dir = resources.files("rscir.encoders") / "configs"
+    with resources.as_file(cfg_dir) as d:
+        if "RSCIR-Tiny" not in open_clip.list_models():
+            open_clip.add_model_config(Path(d))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("CUDA was requested but no CUDA device is available")
+    return dev
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection((HF_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_file(repo: str, filename: str, *, model_name: str, arch: str) -> str:
+    """Path of a hub file from the local HF cache, else downloaded; fails fast when offline."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo, filename, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any miss in the cache means "not available locally"
+        pass
+    if not _hub_reachable():
+        raise ModelUnavailableError(
+            f"model {model_name!r} needs the file {filename!r} from the Hugging Face hub repo "
+            f"{repo!r}, which cannot be reached from here (offline). Download it on a connected "
+            f"machine and pass it as a local file:\n"
+            f"  rscir index FOLDER --model {model_name} --checkpoint /path/to/{Path(filename).name}\n"
+            f"or, for any open_clip architecture:\n"
+            f"  rscir index FOLDER --arch {arch} --checkpoint /path/to/weights.pt"
+        )
+    try:
+        return hf_hub_download(repo, filename)
+    except Exception as e:  # noqa: BLE001
+        raise ModelUnavailableError(f"could not download {repo}/{filename}: {e}") from e
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a checkpoint safely (no pickle code execution): plain state dicts, {'state_dict': ...}
+    wrappers, DataParallel 'module.' prefixes and .safetensors files."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ModelUnavailableError(f"checkpoint file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(path, device="cpu")
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ModelMismatchError(
+                f"{path} is not a loadable weights-only checkpoint ({type(e).__name__}: {e})"
+            ) from e
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ModelMismatchError(f"{path} does not contain a state dict")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def fingerprint_module(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass(frozen=True)
+class OpenClipSource:
+    """Where an open_clip model's weights come from (exactly one of the three, or none)."""
+
+    checkpoint: str | None = None
+    hub_repo: str | None = None
+    hub_file: str | None = None
+    open_clip_tag: str | None = None
+    random_seed: int | None = None
+
+
+class _DropRandomInitNotice(logging.Filter):
+    """open_clip logs 'No pretrained weights loaded' even when rscir loads weights right after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    f = _DropRandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
+
+
+class OpenClipEncoder(Encoder):
+    """Frozen open_clip model; autocast (bf16/fp16) on CUDA, fp32 on CPU."""
+
+    def __init__(
+        self,
+        name: str,
+        arch: str,
+        source: OpenClipSource,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int = 64,
+    ) -> None:
+        import open_clip
+
+        add_rscir_configs()
+        if arch not in open_clip.list_models():
+            raise ModelUnavailableError(
+                f"unknown open_clip architecture {arch!r}; see open_clip.list_models()"
+            )
+        self.device = resolve_device(device)
+        self.batch_size = batch_size
+        ckpt_path, src_label = self._weights_path(name, arch, source)
+        with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(source.random_seed or 0)
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+        if ckpt_path is not None:
+            sd = load_state_dict(ckpt_path)
+            try:
+                # position ids / logit bias buffers differ across open_clip versions
+                missing, unexpected = model.load_state_dict(sd, strict=False)
+            except RuntimeError as e:
+                raise ModelMismatchError(
+                    f"checkpoint {ckpt_path} does not fit architecture {arch!r}: {e}"
+                ) from e
+            real_missing = [k for k in missing if "position_ids" not in k and "logit_bias" not in k]
+            if real_missing or unexpected:
+                raise ModelMismatchError(
+                    f"checkpoint {ckpt_path} does not fit architecture {arch!r}: "
+                    f"missing {real_missing[:5]}, unexpected {list(unexpected)[:5]}"
+                )
+            fingerprint = fingerprint_file(ckpt_path)
+        else:
+            fingerprint = fingerprint_module(model)
+        self.model = model.eval().to(self.device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self._preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.precision = self._pick_precision(precision)
+        dim = int(self.model.text_projection.shape[1]) if hasattr(
+            self.model, "text_projection"
+        ) and self.model.text_projection is not None else self._probe_dim()
+        image_size = getattr(self.model.visual, "image_size", None)
+        mean = getattr(self.model.visual, "image_mean", None)
+        std = getattr(self.model.visual, "image_std", None)
+        self.info = ModelInfo(
+            name=name,
+            arch=arch,
+            fingerprint=fingerprint,
+            dim=dim,
+            backend="open_clip",
+            source=src_label,
+            preprocessing={
+                "image_size": list(image_size) if isinstance(image_size, tuple) else image_size,
+                "mean": list(mean) if mean is not None else None,
+                "std": list(std) if std is not None else None,
+                "transform": repr(preprocess).replace("\n", " "),
+            },
+        )
+
+    @staticmethod
+    def _weights_path(name: str, arch: str, s: OpenClipSource) -> tuple[str | None, str]:
+        if s.checkpoint:
+            return s.checkpoint, os.path.abspath(s.checkpoint)
+        if s.hub_repo and s.hub_file:
+            return hub_file(s.hub_repo, s.hub_file, model_name=name, arch=arch), (
+                f"hf-hub:{s.hub_repo}/{s.hub_file}"
+            )
+        if s.open_clip_tag:
+            import open_clip
+
+            cfg = open_clip.get_pretrained_cfg(arch, s.open_clip_tag)
+            hub = (cfg or {}).get("hf_hub", "")
+            if not hub:
+                raise ModelUnavailableError(f"open_clip has no hub source for {arch}/{s.open_clip_tag}")
+            parts = hub.rstrip("/").split("/")
+            repo = "/".join(parts[:2])
+            fname = "/".join(parts[2:]) or "open_clip_pytorch_model.bin"
+            return hub_file(repo, fname, model_name=name, arch=arch), f"open_clip:{arch}/{s.open_clip_tag}"
+        if s.random_seed is not None:
+            return None, f"random-init:seed={s.random_seed}"
+        raise ModelUnavailableError(
+            f"no weights given for {arch!r}: pass --checkpoint FILE (a local open_clip state dict)"
+        )
+
+    def _pick_precision(self, precision: str) -> str:
+        if precision != "auto":
+            return precision
+        if self.device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+    def _autocast(self) -> Any:
+        if self.device.type == "cuda" and self.precision in ("bf16", "fp16"):
+            dt = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast("cuda", dtype=dt)
+        return nullcontext()
+
+    def _probe_dim(self) -> int:
+        with torch.no_grad():
+            return int(self.model.encode_text(self.tokenizer(["x"]).to(self.device)).shape[-1])
+
+    @property
+    def preprocess(self) -> Callable[[Any], torch.Tensor]:
+        return self._preprocess
+
+    @torch.no_grad()
+    def encode_preprocessed(self, batch: torch.Tensor) -> np.ndarray:
+        with self._autocast():
+            f = self.model.encode_image(batch.to(self.device, non_blocking=True))
+        f = torch.nn.functional.normalize(f.float(), dim=-1)
+        return f.cpu().numpy().astype(np.float32, copy=False)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            tok = self.tokenizer(texts[i : i + self.batch_size]).to(self.device)
+            with self._autocast():
+                f = self.model.encode_text(tok)
+            out.append(torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy())
+        if not out:
+            return np.zeros((0, self.dim), np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)

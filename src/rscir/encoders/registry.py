@@ -1,0 +1,165 @@
+"""Named models and where their weights come from, in the spirit of open_clip's pretrained
+registry. A registry is a plain object built by :func:`default_registry` (no module state), so
+tests and applications can add their own models and backends."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .base import Encoder, ModelUnavailableError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: backend, architecture and weight source."""
+
+    name: str
+    arch: str
+    backend: str = "open_clip"
+    hub_repo: str | None = None
+    hub_file: str | None = None
+    open_clip_tag: str | None = None
+    random_seed: int | None = None
+    checkpoint: str | None = None
+    description: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 64
+
+
+Loader = Callable[[ModelSpec, LoadOptions], Encoder]
+
+
+def _load_open_clip(spec: ModelSpec, opts: LoadOptions) -> Encoder:
+    from .openclip import OpenClipEncoder, OpenClipSource
+
+    src = OpenClipSource(
+        checkpoint=spec.checkpoint,
+        hub_repo=spec.hub_repo,
+        hub_file=spec.hub_file,
+        open_clip_tag=spec.open_clip_tag,
+        random_seed=spec.random_seed,
+    )
+    return OpenClipEncoder(
+        spec.name,
+        spec.arch,
+        src,
+        device=opts.device,
+        precision=opts.precision,
+        batch_size=opts.batch_size,
+    )
+
+
+REMOTECLIP_REPO = "chendelong/RemoteCLIP"
+GEORSCLIP_REPO = "Zilun/GeoRSCLIP"
+
+BUILTIN_SPECS: tuple[ModelSpec, ...] = (
+    ModelSpec("clip-vit-b-32", "ViT-B-32", open_clip_tag="openai", description="OpenAI CLIP ViT-B/32"),
+    ModelSpec("clip-vit-l-14", "ViT-L-14", open_clip_tag="openai", description="OpenAI CLIP ViT-L/14"),
+    ModelSpec("remoteclip-rn50", "RN50", hub_repo=REMOTECLIP_REPO, hub_file="RemoteCLIP-RN50.pt",
+              description="RemoteCLIP RN50 (Liu et al., TGRS 2024)"),
+    ModelSpec("remoteclip-vit-b-32", "ViT-B-32", hub_repo=REMOTECLIP_REPO,
+              hub_file="RemoteCLIP-ViT-B-32.pt", description="RemoteCLIP ViT-B/32"),
+    ModelSpec("remoteclip-vit-l-14", "ViT-L-14", hub_repo=REMOTECLIP_REPO,
+              hub_file="RemoteCLIP-ViT-L-14.pt", description="RemoteCLIP ViT-L/14"),
+    ModelSpec("georsclip-vit-b-32", "ViT-B-32", hub_repo=GEORSCLIP_REPO,
+              hub_file="ckpt/RS5M_ViT-B-32.pt", description="GeoRSCLIP ViT-B/32 (RS5M)"),
+    ModelSpec("georsclip-vit-l-14", "ViT-L-14", hub_repo=GEORSCLIP_REPO,
+              hub_file="ckpt/RS5M_ViT-L-14.pt", description="GeoRSCLIP ViT-L/14 (RS5M)"),
+    ModelSpec("rscir-tiny", "RSCIR-Tiny", random_seed=0,
+              description="tiny randomly initialized open_clip model for tests (no real semantics)"),
+)
+
+
+@dataclass
+class ModelRegistry:
+    """Model specs by name and loaders by backend."""
+
+    specs: dict[str, ModelSpec] = field(default_factory=dict)
+    loaders: dict[str, Loader] = field(default_factory=dict)
+    default_model: str | None = None
+
+    def register(self, spec: ModelSpec) -> None:
+        self.specs[spec.name] = spec
+
+    def register_backend(self, backend: str, loader: Loader) -> None:
+        self.loaders[backend] = loader
+
+    def names(self) -> list[str]:
+        return sorted(self.specs)
+
+    def resolve(
+        self,
+        name: str | None = None,
+        *,
+        arch: str | None = None,
+        checkpoint: str | None = None,
+    ) -> ModelSpec:
+        """The spec to load: a registry name (optionally with a local checkpoint overriding its
+        hub source), or any open_clip architecture with a local checkpoint."""
+        if name is None and arch is None:
+            if self.default_model is None:
+                raise ModelUnavailableError(
+                    "no model given and no default model is available: pass --model NAME "
+                    f"(one of {', '.join(self.names())}) or --arch ARCH --checkpoint FILE"
+                )
+            name = self.default_model
+        if name is not None:
+            if name not in self.specs:
+                raise ModelUnavailableError(
+                    f"unknown model {name!r}; known: {', '.join(self.names())} "
+                    "(or use --arch ARCH --checkpoint FILE for any open_clip architecture)"
+                )
+            spec = self.specs[name]
+            if arch is not None and arch != spec.arch:
+                raise ModelUnavailableError(
+                    f"model {name!r} has architecture {spec.arch!r}, not {arch!r}"
+                )
+            if checkpoint is not None:
+                spec = replace(spec, checkpoint=checkpoint, random_seed=None)
+            return spec
+        if checkpoint is None:
+            raise ModelUnavailableError(
+                f"--arch {arch} needs --checkpoint FILE (a local open_clip state dict)"
+            )
+        return ModelSpec(name=f"open_clip:{arch}", arch=str(arch), checkpoint=checkpoint)
+
+    def load(
+        self,
+        name: str | None = None,
+        *,
+        arch: str | None = None,
+        checkpoint: str | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int = 64,
+    ) -> Encoder:
+        spec = self.resolve(name, arch=arch, checkpoint=checkpoint)
+        if spec.backend not in self.loaders:
+            raise ModelUnavailableError(f"no loader for backend {spec.backend!r}")
+        return self.loaders[spec.backend](spec, LoadOptions(device, precision, batch_size))
+
+
+def default_registry() -> ModelRegistry:
+    """A fresh registry with the built-in models and backends."""
+    from . import classic, mini
+
+    reg = ModelRegistry()
+    reg.register_backend("open_clip", _load_open_clip)
+    for spec in BUILTIN_SPECS:
+        reg.register(spec)
+    mini.register(reg)
+    classic.register(reg)
+    return reg
+
+
+def load_encoder(name: str | None = None, **kwargs: Any) -> Encoder:
+    """Load a model by registry name, or ``arch=..., checkpoint=...`` for any open_clip model."""
+    return default_registry().load(name, **kwargs)
