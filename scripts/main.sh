@@ -7,7 +7,7 @@
 # Query: RSCIR_QUERY=image file (default: an image of the archive), RSCIR_TEXT=modifier.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/env.sh
+source scripts/env.sh || exit 1
 ARCHIVE="${1:-../shared/data/ucm16/images}"
 OUT="${RSCIR_OUT:-runs}"
 STORE="${RSCIR_STORE:-$OUT/$(basename "$(dirname "$(realpath "$ARCHIVE")")")-$(basename "$ARCHIVE").rscir}"

@@ -3,7 +3,7 @@
 # and runs the linter and the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/env.sh
+source scripts/env.sh || exit 1
 bash scripts/system_deps.sh
 ruff check src tests benchmarks
 python -m pytest -q -p no:cacheprovider "$@"

@@ -15,6 +15,7 @@ from typing import Any
 from .encoders.base import Encoder, ModelUnavailableError
 from .encoders.registry import ModelRegistry, default_registry
 from .ingest import IndexReport, index_folder
+from .pgstore import is_pg_uri
 from .search import Searcher
 from .store import Store
 
@@ -57,7 +58,11 @@ def load_encoder_for_store(
 
 
 def open_searcher(store_dir: str | os.PathLike[str], **model_kwargs: Any) -> Searcher:
-    """Open a store read-only together with its model."""
+    """Open a store read-only together with its model (a directory, or a postgresql:// URI)."""
+    if is_pg_uri(store_dir):  # Postgres/pgvector store: rscir.pgstore (issue 7)
+        from .pgstore import open_pg_searcher
+
+        return open_pg_searcher(store_dir, **model_kwargs)  # type: ignore[return-value]
     store = Store.open(store_dir)
     return Searcher(store, load_encoder_for_store(store, **model_kwargs))
 
@@ -75,6 +80,11 @@ def index(
 ) -> IndexReport:
     """Index or resume indexing ``folder`` into ``store_dir``. With an existing store and no
     model given, the store's own model is used."""
+    if is_pg_uri(store_dir):  # Postgres/pgvector store: rscir.pgstore (issue 7)
+        from .pgstore import index_folder_pg
+
+        return index_folder_pg(folder, store_dir, model=model, arch=arch, checkpoint=checkpoint,  # type: ignore[arg-type]
+                               device=device, encoder=encoder, **kwargs)
     if encoder is None:
         if model is None and arch is None and (Path(store_dir) / "manifest.json").exists():
             st = Store.open(store_dir)

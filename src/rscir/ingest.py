@@ -302,7 +302,9 @@ def index_folder(
     label_map = read_label_csv(labels_csv) if labels_csv is not None else None
     if labels == "csv" and label_map is None:
         raise ValueError("labels='csv' needs labels_csv")
-    store = Store.open_or_create(store_dir, encoder.info, root, dtype=dtype)
+    # an already-open store-like object (e.g. rscir.pgstore.PgStore) is used as given
+    store = (Store.open_or_create(store_dir, encoder.info, root, dtype=dtype)
+             if isinstance(store_dir, str | os.PathLike) else store_dir)
     report = IndexReport(root=str(root), store=str(store.path), scanned=len(entries))
     report.ignored = [BadFile(o.path, f"not an image file type ({Path(o.path).suffix or 'no extension'})") for o in others]
     try:

@@ -1,0 +1,1 @@
+"""Benchmarks: the PatternCom composed-retrieval protocol and real-image retrieval benchmarks."""

@@ -1,0 +1,1000 @@
+"""A store in PostgreSQL with pgvector (≥ 0.8), for archives that many users and processes share.
+
+Layout, inside one schema per store (``?schema=NAME`` in the URI, default ``rscir``)::
+
+    meta      one row: manifest (jsonb: model, dim, dtype, archive root), next_id, generation
+    items     id, path (unique), size, mtime_ns, width, height, label, labels[], lon, lat,
+              embedding halfvec(d) | vector(d)  + an HNSW index (inner product) and metadata indexes
+    moments   one row: n, Σx, Σxxᵀ (float64 bytes) over the stored embeddings
+
+Every :meth:`PgStore.add` is one transaction that writes the rows, updates the moments and bumps
+the generation, so readers (in REPEATABLE READ) always see items and moments that agree.
+
+Search (:class:`PgSearcher`) has the embedded store's semantics: WeiCom normalization is exact
+from the moments (μ = Σx/n, unbiased variance qᵀΣq, see :mod:`rscir.moments`), candidates come
+from the HNSW index (iterative scans, so filtered queries still fill k rows), every candidate is
+re-scored exactly in numpy with :func:`rscir.scoring.fuse`, and the candidate set grows until a
+bound proves that no unseen item can enter the top k (else an exact scan in SQL answers). The
+proof is exact up to the index's recall, which is ~1 at the ``ef_search`` used here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import re
+import struct
+import threading
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .encoders.base import Encoder, ImageLike, ModelInfo, ModelMismatchError, l2_normalize
+from .moments import ArchiveMoments
+from .scoring import NEEDS_IMAGE, NEEDS_TEXT, QueryStats, check_lam, check_method, fuse, norm_cdf
+from .search import Hit, ItemFilter, SearchResult
+from .store import DTYPES, Manifest, Moments, StoreError, normalize_items
+
+MIN_PGVECTOR = (0, 8, 0)
+DEFAULT_SCHEMA = "rscir"
+_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_VEC_TYPE = {"float16": "halfvec", "float32": "vector"}
+_META_COLS = ("id", "path", "size", "mtime_ns", "width", "height", "label", "labels", "lon", "lat")
+
+
+def is_pg_uri(uri: object) -> bool:
+    """True for ``postgresql://`` / ``postgres://`` store addresses."""
+    return isinstance(uri, str) and uri.startswith(("postgresql://", "postgres://"))
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """(libpq conninfo without our ``schema`` parameter, schema name)."""
+    if not is_pg_uri(uri):
+        raise ValueError(f"not a postgresql:// URI: {uri!r}")
+    parts = urllib.parse.urlsplit(uri)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    schema = DEFAULT_SCHEMA
+    rest = []
+    for k, v in query:
+        if k == "schema":
+            schema = v
+        else:
+            rest.append((k, v))
+    if not _SCHEMA_RE.match(schema):
+        raise ValueError(f"schema must match {_SCHEMA_RE.pattern}, got {schema!r}")
+    conninfo = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest)))
+    return conninfo, schema
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without its password, for logs and ``/info``."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+# --------------------------------------------------------------------------------- wire format
+# pgvector's binary formats (halfvec_send / vector_send): int16 dim, int16 unused, then dim
+# big-endian float16 / float32 values. Written here because pgvector-python is not a dependency
+# and binary transfer avoids formatting and parsing floats as text for every row.
+def _make_adapters(conn: Any) -> None:
+    from psycopg.adapt import Dumper, Loader
+    from psycopg.pq import Format
+    from psycopg.types import TypeInfo
+
+    for tname, be in (("halfvec", ">f2"), ("vector", ">f4")):
+        info = TypeInfo.fetch(conn, tname)
+        if info is None:
+            raise StoreError("the pgvector extension is not installed in this database")
+
+        class _Load(Loader):
+            format = Format.BINARY
+            _dt = be
+
+            def load(self, data: Any) -> np.ndarray:
+                b = bytes(data)
+                (dim,) = struct.unpack_from(">H", b)
+                return np.frombuffer(b, self._dt, dim, 4).astype(np.float32)
+
+        class _Dump(Dumper):
+            format = Format.BINARY
+            oid = info.oid
+            _dt = be
+
+            def dump(self, obj: Any) -> bytes:
+                a = np.asarray(obj).ravel()
+                return struct.pack(">HH", a.shape[0], 0) + a.astype(self._dt).tobytes()
+
+        info.register(conn)  # lets COPY name the type
+        conn.adapters.register_loader(info.oid, _Load)
+        marker = type(f"_{tname}_param", (), {})
+        conn.adapters.register_dumper(marker, _Dump)
+
+
+class _Pool:
+    """A few connections handed out one per thread at a time. Hand-written because psycopg_pool
+    is not among the project's dependencies; enough for a server's worker threads."""
+
+    def __init__(self, conninfo: str, size: int) -> None:
+        self.conninfo = conninfo
+        self.size = size
+        self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._made = 0
+        self._lock = threading.Lock()
+        self._sem = threading.BoundedSemaphore(size)
+        self._all: list[Any] = []
+
+    def _new(self) -> Any:
+        import psycopg
+
+        conn = psycopg.connect(self.conninfo, autocommit=False)
+        _make_adapters(conn)
+        conn.commit()
+        return conn
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Any]:
+        self._sem.acquire()
+        conn = None
+        try:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = self._new()
+                with self._lock:
+                    self._all.append(conn)
+            yield conn
+            conn.rollback()  # end any read transaction
+        except BaseException:
+            if conn is not None:  # a broken connection is dropped, not reused
+                with contextlib.suppress(Exception):
+                    conn.close()
+                with self._lock:
+                    self._all = [c for c in self._all if c is not conn]
+                conn = None
+            raise
+        finally:
+            if conn is not None and not conn.closed:
+                self._idle.put(conn)
+            self._sem.release()
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._all:
+                with contextlib.suppress(Exception):
+                    c.close()
+            self._all.clear()
+
+
+def _sql(template: str, schema: str) -> Any:
+    from psycopg import sql
+
+    return sql.SQL(template).format(s=sql.Identifier(schema))
+
+
+def _pack(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a, dtype="<f8").tobytes()
+
+
+def _unpack(b: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    return np.frombuffer(bytes(b), "<f8").reshape(shape).copy()
+
+
+def _vec_literal(v: np.ndarray) -> str:
+    """Text form of a query vector; repr of float32 values round-trips exactly."""
+    return "[" + ",".join(repr(float(x)) for x in np.asarray(v, np.float32)) + "]"
+
+
+class PgStore:
+    """The :class:`rscir.store.Store` interface (as ingestion and search use it) on Postgres.
+
+    Open with :meth:`open` (read) or :meth:`open_or_create` (write; one writer at a time, held
+    by a session advisory lock until :meth:`close`)."""
+
+    def __init__(self, uri: str, *, writable: bool = False, pool_size: int = 8) -> None:
+        import psycopg
+
+        self.uri = uri
+        self.conninfo, self.schema = split_uri(uri)
+        self.writable = writable
+        try:
+            self._conn = psycopg.connect(self.conninfo, autocommit=False)
+        except psycopg.OperationalError as e:
+            raise StoreError(f"cannot connect to {redact_uri(uri)}: {str(e).strip()}") from e
+        self._lock = threading.RLock()
+        self._pool = _Pool(self.conninfo, pool_size)
+        self._cache: dict[str, Any] = {}
+        try:
+            self._check_pgvector()
+            _make_adapters(self._conn)
+            if not self._exists():
+                raise StoreError(
+                    f"no store at {redact_uri(uri)} (schema {self.schema!r}): run "
+                    "`rscir index FOLDER --store URI` first"
+                )
+            if writable:
+                self._acquire_lock()
+            self._conn.commit()
+            self._load_meta()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # ----------------------------------------------------------------- creation / opening
+    @classmethod
+    def exists(cls, uri: str) -> bool:
+        import psycopg
+
+        conninfo, schema = split_uri(uri)
+        with psycopg.connect(conninfo) as conn:
+            row = conn.execute("SELECT to_regclass(%s)", (f"{schema}.meta",)).fetchone()
+        return row is not None and row[0] is not None
+
+    @classmethod
+    def open(cls, uri: str, *, writable: bool = False) -> PgStore:
+        return cls(uri, writable=writable)
+
+    @classmethod
+    def create(cls, uri: str, model: ModelInfo, root: str | os.PathLike[str], *,
+               dtype: str = "float16", m: int = 16, ef_construction: int = 64) -> PgStore:
+        """Make the schema and tables of a new, empty store."""
+        import psycopg
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        conninfo, schema = split_uri(uri)
+        manifest = Manifest(model=model, dim=model.dim, dtype=dtype, root=str(Path(root).resolve()))
+        vt = _VEC_TYPE[dtype]
+        d = int(model.dim)
+        try:
+            conn = psycopg.connect(conninfo, autocommit=False)
+        except psycopg.OperationalError as e:
+            raise StoreError(f"cannot connect to {redact_uri(uri)}: {str(e).strip()}") from e
+        with conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            _check_version(conn)
+            if conn.execute("SELECT to_regclass(%s)", (f"{schema}.meta",)).fetchone()[0]:
+                raise StoreError(f"{redact_uri(uri)} already holds a store; open it instead")
+            for stmt in (
+                "CREATE SCHEMA IF NOT EXISTS {s}",
+                "CREATE TABLE {s}.items (id bigint PRIMARY KEY, path text NOT NULL UNIQUE, "
+                "size bigint NOT NULL, mtime_ns bigint NOT NULL, width integer NOT NULL, "
+                "height integer NOT NULL, label text, labels text[] NOT NULL DEFAULT '{{}}', "
+                f"lon double precision, lat double precision, embedding {vt}({d}) NOT NULL)",
+                "CREATE INDEX ON {s}.items (label)",
+                "CREATE INDEX ON {s}.items USING gin (labels)",
+                "CREATE INDEX ON {s}.items (lon, lat)",
+                "CREATE TABLE {s}.moments (one boolean PRIMARY KEY DEFAULT true CHECK (one), "
+                "n bigint NOT NULL, sum bytea NOT NULL, sumsq bytea NOT NULL)",
+                "CREATE TABLE {s}.meta (one boolean PRIMARY KEY DEFAULT true CHECK (one), "
+                "manifest jsonb NOT NULL, next_id bigint NOT NULL, generation bigint NOT NULL, "
+                "hnsw jsonb NOT NULL)",
+            ):
+                conn.execute(_sql(stmt, schema))
+            z = Moments.zeros(d)
+            conn.execute(_sql("INSERT INTO {s}.moments (n, sum, sumsq) VALUES (0, %s, %s)", schema),
+                         (_pack(z.sum), _pack(z.sumsq)))
+            conn.execute(
+                _sql("INSERT INTO {s}.meta (manifest, next_id, generation, hnsw) "
+                     "VALUES (%s, 0, 0, %s)", schema),
+                (json.dumps(manifest.to_dict()),
+                 json.dumps({"m": int(m), "ef_construction": int(ef_construction)})),
+            )
+        conn.close()
+        return cls(uri, writable=True)
+
+    @classmethod
+    def open_or_create(cls, uri: str, model: ModelInfo, root: str | os.PathLike[str], *,
+                       dtype: str = "float16") -> PgStore:
+        """Open for appending (checking model, archive root and dtype) or create if absent."""
+        if not cls.exists(uri):
+            return cls.create(uri, model, root, dtype=dtype)
+        st = cls(uri, writable=True)
+        try:
+            st.check_model(model)
+            if Path(st.root).resolve() != Path(root).resolve():
+                raise StoreError(f"store {redact_uri(uri)} indexes archive {st.root}, not "
+                                 f"{Path(root).resolve()}; use another ?schema= for another archive")
+            if dtype != st.manifest.dtype:
+                raise StoreError(f"store {redact_uri(uri)} holds {st.manifest.dtype}, not {dtype}")
+        except Exception:
+            st.close()
+            raise
+        return st
+
+    def _check_pgvector(self) -> None:
+        row = self._conn.execute(
+            "SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+        if row is None:
+            raise StoreError(f"{redact_uri(self.uri)}: the pgvector extension is not installed "
+                             "(CREATE EXTENSION vector; needs pgvector >= 0.8)")
+        _check_version(self._conn)
+
+    def _exists(self) -> bool:
+        row = self._conn.execute("SELECT to_regclass(%s)", (f"{self.schema}.meta",)).fetchone()
+        return row is not None and row[0] is not None
+
+    def _acquire_lock(self) -> None:
+        got = self._conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                                 (f"rscir:{self.schema}",)).fetchone()[0]
+        if not got:
+            raise StoreError(f"store {redact_uri(self.uri)} is being written by another process")
+
+    def check_model(self, model: ModelInfo) -> None:
+        mine = self.manifest.model
+        if not mine.same_space(model):
+            raise ModelMismatchError(
+                f"store {redact_uri(self.uri)} was built with model {mine.name!r} (arch "
+                f"{mine.arch}, dim {mine.dim}), but model {model.name!r} (arch {model.arch}, dim "
+                f"{model.dim}) was given; use the same model or a new store"
+            )
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._conn.close()  # ends the session: releases the advisory lock
+        self._pool.close()
+
+    def __enter__(self) -> PgStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- reading
+    def _load_meta(self) -> None:
+        with self._lock:
+            row = self._conn.execute(
+                _sql("SELECT manifest, next_id, generation, hnsw FROM {s}.meta", self.schema)
+            ).fetchone()
+            self._conn.commit()
+            mf = row[0] if isinstance(row[0], dict) else json.loads(row[0])
+            self.manifest = Manifest.from_dict(mf)
+            self._next_id = int(row[1])
+            self._generation = int(row[2])
+            self._hnsw = row[3] if isinstance(row[3], dict) else json.loads(row[3])
+            self._cache.clear()
+
+    def refresh(self) -> bool:
+        """Re-read the state if another process committed; True when it changed."""
+        with self._lock:
+            gen = int(self._conn.execute(
+                _sql("SELECT generation FROM {s}.meta", self.schema)).fetchone()[0])
+            self._conn.commit()
+            if gen != self._generation:
+                self._load_meta()
+                return True
+            return False
+
+    @property
+    def path(self) -> Path:
+        """A local folder for this store's reports and derived artifacts (Postgres holds the
+        data); under ``$RSCIR_CACHE`` (default ``~/.cache/rscir``)."""
+        base = Path(os.environ.get("RSCIR_CACHE", "~/.cache/rscir")).expanduser()
+        info = urllib.parse.urlsplit(self.conninfo)
+        q = dict(urllib.parse.parse_qsl(info.query))
+        slug = "-".join(x for x in (info.hostname or q.get("host", "local"), str(info.port or ""),
+                                    info.path.strip("/"), self.schema) if x)
+        p = base / "pg" / re.sub(r"[^A-Za-z0-9_.-]+", "_", slug)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @property
+    def root(self) -> str:
+        return self.manifest.root
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def vec_type(self) -> str:
+        return _VEC_TYPE[self.manifest.dtype]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _query_frame(self, where: str = "", params: Sequence[Any] = ()) -> pd.DataFrame:
+        with self._pool.connection() as conn:
+            rows = conn.execute(_sql(f"SELECT {', '.join(_META_COLS)} FROM {{s}}.items {where} "
+                                     "ORDER BY id", self.schema), params).fetchall()
+        return _frame(rows)
+
+    @property
+    def items(self) -> pd.DataFrame:
+        """Metadata of all items ordered by id (cached until the generation changes)."""
+        if "items" not in self._cache:
+            self._cache["items"] = self._query_frame()
+        return self._cache["items"]
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.items["id"].to_numpy()
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """(N, d) embeddings in ``items`` order, fetched on first use (for tools and tests)."""
+        if "emb" not in self._cache:
+            with self._lock:
+                cur = self._conn.cursor(binary=True)
+                cur.execute(_sql("SELECT embedding FROM {s}.items ORDER BY id", self.schema))
+                rows = cur.fetchall()
+                self._conn.commit()
+            dt = DTYPES[self.manifest.dtype]
+            self._cache["emb"] = (np.stack([r[0] for r in rows]).astype(dt) if rows
+                                  else np.zeros((0, self.dim), dt))
+        return self._cache["emb"]
+
+    def moments(self) -> Moments:
+        with self._lock:
+            row = self._conn.execute(
+                _sql("SELECT n, sum, sumsq FROM {s}.moments", self.schema)).fetchone()
+            self._conn.commit()
+        d = self.dim
+        return Moments(int(row[0]), _unpack(row[1], (d,)), _unpack(row[2], (d, d)))
+
+    def rows_for_ids(self, ids: Any) -> np.ndarray:
+        want = np.atleast_1d(np.asarray(ids, dtype=np.int64))
+        have = self.ids  # sorted by id
+        pos = np.searchsorted(have, want)
+        pos_c = np.minimum(pos, max(len(have) - 1, 0))
+        ok = (pos < len(have)) & (have[pos_c] == want) if len(have) else pos < 0
+        if not np.all(ok):
+            raise KeyError(f"unknown item id(s): {want[~ok][:10].tolist()}")
+        return pos_c.astype(np.int64)
+
+    def rows_for_paths(self, paths: list[str]) -> np.ndarray:
+        return pd.Index(self.items["path"]).get_indexer(pd.Index(paths)).astype(np.int64)
+
+    def items_for_ids(self, ids: Sequence[int]) -> pd.DataFrame:
+        """Metadata of these ids, in the order given; KeyError for unknown ids."""
+        want = [int(i) for i in ids]
+        df = self._query_frame("WHERE id = ANY(%s)", (want,))
+        idx = pd.Index(df["id"]).get_indexer(want)
+        if (idx < 0).any():
+            raise KeyError(f"unknown item id(s): {[w for w, i in zip(want, idx, strict=True) if i < 0][:10]}")
+        return df.iloc[idx].reset_index(drop=True)
+
+    def resolve_path(self, rel: str) -> Path:
+        root = Path(self.root).resolve()
+        p = (root / rel).resolve()
+        if p != root and root not in p.parents:
+            raise ValueError(f"path {rel!r} is outside the archive root")
+        return p
+
+    def artifact_dir(self, name: str) -> Path:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"bad artifact name {name!r}")
+        d = self.path / "artifacts" / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def has_hnsw(self) -> bool:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT 1 FROM pg_indexes WHERE schemaname = %s AND indexname = 'items_embedding_hnsw'",
+                (self.schema,)).fetchone()
+            self._conn.commit()
+        return row is not None
+
+    def info(self) -> dict[str, Any]:
+        items = self.items
+        return {
+            "path": redact_uri(self.uri),
+            "backend": "postgres",
+            "schema": self.schema,
+            "root": self.root,
+            "items": len(items),
+            "dim": self.dim,
+            "dtype": self.manifest.dtype,
+            "generation": self.generation,
+            "hnsw": self.has_hnsw(),
+            "model": self.manifest.model.to_dict(),
+            "rscir_version": self.manifest.rscir_version,
+            "classes": int(items["label"].dropna().nunique()),
+            "georeferenced": int(items["lon"].notna().sum()),
+        }
+
+    # ----------------------------------------------------------------- writing
+    def add(self, embeddings: np.ndarray, items: pd.DataFrame | list[dict[str, Any]]) -> np.ndarray:
+        """Insert rows in one transaction (a known path is replaced and keeps its id); the moments
+        and generation change in the same transaction. Returns the rows' ids."""
+        if not self.writable:
+            raise StoreError(f"store {redact_uri(self.uri)} is open read-only")
+        emb = np.asarray(embeddings)
+        df = normalize_items(items)
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise ValueError(f"embeddings must be (n, {self.dim}), got {emb.shape}")
+        if len(df) != emb.shape[0]:
+            raise ValueError(f"{emb.shape[0]} embeddings but {len(df)} items")
+        if df["path"].duplicated().any():
+            raise ValueError("duplicate paths within one add()")
+        if not np.isfinite(emb).all():
+            raise ValueError("embeddings contain NaN or inf")
+        if len(df) == 0:
+            return np.zeros(0, np.int64)
+        emb = emb.astype(DTYPES[self.manifest.dtype])  # moments are over values as stored
+        s = self.schema
+        with self._lock, self._conn.transaction():
+            cur = self._conn.cursor(binary=True)
+            meta = cur.execute(_sql("SELECT next_id, generation FROM {s}.meta FOR UPDATE", s)
+                               ).fetchone()
+            next_id, gen = int(meta[0]), int(meta[1])
+            old = cur.execute(_sql("SELECT id, path, embedding FROM {s}.items WHERE path = ANY(%s)",
+                                   s), (df["path"].tolist(),)).fetchall()
+            old_ids = {p: int(i) for i, p, _ in old}
+            ids = np.array([old_ids.get(p, -1) for p in df["path"]], np.int64)
+            fresh = ids < 0
+            ids[fresh] = np.arange(next_id, next_id + int(fresh.sum()))
+            df["id"] = ids
+            mom = self._read_moments(cur) + Moments.of(emb)
+            if old:
+                old_emb = np.stack([e for _, _, e in old]).astype(emb.dtype)
+                mom = mom - Moments.of(old_emb)
+                cur.execute(_sql("DELETE FROM {s}.items WHERE id = ANY(%s)", s),
+                            (list(old_ids.values()),))
+            self._copy_rows(cur, df, emb)
+            cur.execute(_sql("UPDATE {s}.moments SET n = %s, sum = %s, sumsq = %s", s),
+                        (mom.n, _pack(mom.sum), _pack(mom.sumsq)))
+            cur.execute(_sql("UPDATE {s}.meta SET next_id = %s, generation = %s", s),
+                        (next_id + int(fresh.sum()), gen + 1))
+        self._load_meta()
+        return ids
+
+    def _read_moments(self, cur: Any) -> Moments:
+        row = cur.execute(_sql("SELECT n, sum, sumsq FROM {s}.moments FOR UPDATE", self.schema)
+                          ).fetchone()
+        d = self.dim
+        return Moments(int(row[0]), _unpack(row[1], (d,)), _unpack(row[2], (d, d)))
+
+    def _copy_rows(self, cur: Any, df: pd.DataFrame, emb: np.ndarray) -> None:
+        cols = ", ".join(_META_COLS) + ", embedding"
+        types = ["int8", "text", "int8", "int8", "int4", "int4", "text", "text[]", "float8",
+                 "float8", self.vec_type]
+        lon = df["lon"].to_numpy(np.float64)
+        lat = df["lat"].to_numpy(np.float64)
+        with cur.copy(_sql(f"COPY {{s}}.items ({cols}) FROM STDIN (FORMAT BINARY)",
+                           self.schema)) as cp:
+            cp.set_types(types)
+            for i, r in enumerate(df.itertuples(index=False)):
+                cp.write_row((
+                    int(r.id), r.path, int(r.size), int(r.mtime_ns), int(r.width), int(r.height),
+                    r.label, list(r.labels),
+                    None if np.isnan(lon[i]) else float(lon[i]),
+                    None if np.isnan(lat[i]) else float(lat[i]),
+                    emb[i],
+                ))
+
+    def compact(self) -> None:
+        """Finish a bulk load: build the HNSW index if missing (cheaper once than per insert)
+        and refresh the planner's statistics."""
+        if not self.writable:
+            raise StoreError(f"store {redact_uri(self.uri)} is open read-only")
+        ops = f"{self.vec_type}_ip_ops"
+        stmt = ("CREATE INDEX IF NOT EXISTS items_embedding_hnsw ON {s}.items USING hnsw "
+                f"(embedding {ops}) WITH (m = {int(self._hnsw['m'])}, "
+                f"ef_construction = {int(self._hnsw['ef_construction'])})")
+        with self._lock:
+            self._conn.execute(_sql(stmt, self.schema))
+            self._conn.commit()
+            self._conn.autocommit = True
+            try:
+                self._conn.execute(_sql("ANALYZE {s}.items", self.schema))
+            finally:
+                self._conn.autocommit = False
+
+
+def _check_version(conn: Any) -> None:
+    row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+    if row is None:
+        raise StoreError("the pgvector extension is not installed")
+    ver = tuple(int(x) for x in re.findall(r"\d+", row[0])[:3])
+    if ver < MIN_PGVECTOR:
+        raise StoreError(f"pgvector {row[0]} is too old: rscir needs >= 0.8 (halfvec and "
+                         "iterative index scans, so that filtered searches still return k rows)")
+
+
+def _frame(rows: list[tuple[Any, ...]]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=list(_META_COLS))
+    if not len(df):
+        return normalize_items(pd.DataFrame({"path": pd.Series(dtype=object)}))
+    df["labels"] = [list(v) if v is not None else [] for v in df["labels"]]
+    for c in ("lon", "lat"):
+        df[c] = pd.to_numeric(df[c]).astype("float64")
+    return normalize_items(df)
+
+
+# ===================================================================================== search
+@dataclass
+class CandidateStats:
+    """How one query was answered: candidate rounds and whether an exact scan was needed."""
+
+    rounds: int = 0
+    candidates: int = 0
+    exact_scan: bool = False
+
+
+def _where_sql(where: ItemFilter | None, exclude_id: int | None) -> tuple[str, list[Any]]:
+    conds: list[str] = []
+    params: list[Any] = []
+    if exclude_id is not None:
+        conds.append("id <> %s")
+        params.append(int(exclude_id))
+    if where is not None and where.labels:
+        conds.append("(label = ANY(%s) OR labels && %s::text[])")
+        params += [list(where.labels), list(where.labels)]
+    if where is not None and where.bbox is not None:
+        x0, y0, x1, y1 = (float(v) for v in where.bbox)
+        if x0 > x1 or y0 > y1:
+            raise ValueError("bbox must be (min_lon, min_lat, max_lon, max_lat)")
+        conds.append("lon BETWEEN %s AND %s AND lat BETWEEN %s AND %s")
+        params += [x0, x1, y0, y1]
+    return ("WHERE " + " AND ".join(conds)) if conds else "", params
+
+
+def _weicom_bound(a_z: float, b_z: float, line: float, lam: float) -> float:
+    """max λΦ(zt) + (1−λ)Φ(zi) over zi ≤ A, zt ≤ B, (1−λ)zi + λzt ≤ L.
+
+    The objective grows in both coordinates, so the maximum lies on the line (or at the corner
+    (A, B) when that is feasible). On the line its derivative vanishes where φ(zi) = φ(zt), i.e.
+    zi = L or zi = L/(1−2λ); those points and the segment's ends are all the candidates."""
+    phi = norm_cdf
+
+    def f(zi: float, zt: float) -> float:
+        v = phi(np.array([[zt, zi]], np.float64), QueryStats(np.zeros((1, 1)), np.ones((1, 1))))
+        return float(lam * v[0, 0] + (1 - lam) * v[0, 1])
+
+    if (1 - lam) * a_z + lam * b_z <= line:
+        return f(a_z, b_z)
+    lo = (line - lam * b_z) / (1 - lam)  # zt = B here
+    hi = a_z
+    pts = [lo, hi, line]
+    if lam != 0.5:
+        pts.append(line / (1 - 2 * lam))
+    best = -np.inf
+    for zi in pts:
+        if lo - 1e-12 <= zi <= hi + 1e-12:
+            zt = min(b_z, (line - (1 - lam) * zi) / lam)
+            best = max(best, f(min(zi, a_z), zt))
+    return best
+
+
+class PgSearcher:
+    """Composed search on a :class:`PgStore`, with the semantics of :class:`rscir.search.Searcher`.
+
+    Thread-safe: each query borrows one pooled connection and reads in one REPEATABLE READ
+    snapshot, so items and moments agree even while another process is indexing."""
+
+    def __init__(self, store: PgStore, encoder: Encoder | None, *, ef_search: int = 400,
+                 max_candidates: int = 4096) -> None:
+        if encoder is not None:
+            store.check_model(encoder.info)
+        self.store = store
+        self.encoder = encoder
+        self.ef_search = ef_search
+        self.max_candidates = max_candidates
+        self._mom_lock = threading.Lock()
+        self._moments: tuple[int, ArchiveMoments | None, int] | None = None
+
+    # ----------------------------------------------------------------- query vectors
+    def _require_encoder(self) -> Encoder:
+        if self.encoder is None:
+            raise RuntimeError("this searcher has no encoder: pass one to embed images or texts")
+        return self.encoder
+
+    def image_vector(self, image: str | os.PathLike[str] | ImageLike) -> tuple[np.ndarray, int | None]:
+        """Embedding of a query image and its item id when it is an unchanged archive file."""
+        from .ingest import load_image
+
+        if isinstance(image, str | os.PathLike):
+            p = Path(image)
+            if not p.is_file():
+                raise FileNotFoundError(f"query image not found: {p}")
+            root = Path(self.store.root).resolve()
+            rp = p.resolve()
+            if root in rp.parents:
+                st = p.stat()
+                df = self.store._query_frame("WHERE path = %s AND size = %s AND mtime_ns = %s",
+                                             (rp.relative_to(root).as_posix(), st.st_size,
+                                              st.st_mtime_ns))
+                if len(df):
+                    iid = int(df["id"].iloc[0])
+                    return self.item_vector(iid), iid
+            pil, _ = load_image(p)
+            return self._require_encoder().encode_images([pil])[0], None
+        return self._require_encoder().encode_images([image])[0], None
+
+    def text_vector(self, texts: str | Sequence[str]) -> np.ndarray:
+        tl = [texts] if isinstance(texts, str) else list(texts)
+        tl = [t.strip() for t in tl if t and t.strip()]
+        if not tl:
+            raise ValueError("empty text modifier")
+        return l2_normalize(self._require_encoder().encode_texts(tl).mean(axis=0))
+
+    def item_vector(self, item_id: int) -> np.ndarray:
+        with self.store._pool.connection() as conn:
+            row = conn.cursor(binary=True).execute(
+                _sql("SELECT embedding FROM {s}.items WHERE id = %s", self.store.schema),
+                (int(item_id),)).fetchone()
+        if row is None:
+            raise KeyError(f"unknown item id(s): [{int(item_id)}]")
+        return np.asarray(row[0], np.float32)
+
+    # ----------------------------------------------------------------- snapshot helpers
+    def _archive_moments(self, cur: Any) -> tuple[int, ArchiveMoments | None]:
+        """(n, moments) for the snapshot ``cur`` reads, cached per generation."""
+        s = self.store.schema
+        gen = int(cur.execute(_sql("SELECT generation FROM {s}.meta", s)).fetchone()[0])
+        with self._mom_lock:
+            if self._moments is not None and self._moments[0] == gen:
+                return self._moments[2], self._moments[1]
+        row = cur.execute(_sql("SELECT n, sum, sumsq FROM {s}.moments", s)).fetchone()
+        d = self.store.dim
+        m = Moments(int(row[0]), _unpack(row[1], (d,)), _unpack(row[2], (d, d)))
+        am = ArchiveMoments.from_sums(m) if m.n >= 2 else None
+        with self._mom_lock:
+            self._moments = (gen, am, m.n)
+        return m.n, am
+
+    def _cast(self) -> str:
+        return f"::{self.store.vec_type}({self.store.dim})"
+
+    def _fetch(self, cur: Any, direction: np.ndarray, limit: int, where: str,
+               params: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, embeddings) of the ``limit`` items best by inner product with ``direction``,
+        from the HNSW index when the planner picks it."""
+        cur.execute(_sql(f"SELECT id, embedding FROM {{s}}.items {where} ORDER BY embedding <#> "
+                         f"%s{self._cast()} LIMIT %s", self.store.schema),
+                    [*params, _vec_literal(direction), int(limit)])
+        rows = cur.fetchall()
+        if not rows:
+            return np.zeros(0, np.int64), np.zeros((0, self.store.dim), np.float32)
+        return (np.array([r[0] for r in rows], np.int64),
+                np.stack([r[1] for r in rows]).astype(np.float32))
+
+    def _quant_err(self, v: np.ndarray) -> float:
+        """Upper bound on |v·x − fp(v)·x| for ‖x‖ ≤ ~1 (the query is cast to the column type),
+        plus float32 rounding."""
+        v = np.asarray(v, np.float64)
+        q = v.astype(np.float16 if self.store.vec_type == "halfvec" else np.float32)
+        return float(np.linalg.norm(v - q.astype(np.float64)) * 1.01 + 1e-5 * (1 + np.linalg.norm(v)))
+
+    def _exact_scan(self, cur: Any, img: np.ndarray | None, txt: np.ndarray | None, method: str,
+                    lam: float, k: int, stats: tuple[QueryStats | None, QueryStats | None],
+                    where: str, params: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Similarities of every qualifying item computed in SQL (float32), fused, then the best
+        rows re-scored exactly: for product and when the candidate bound cannot be proven."""
+        cols, qparams = [], []
+        for v in (img, txt):
+            if v is not None:
+                cols.append(f"-(embedding::vector({self.store.dim}) <#> %s::vector({self.store.dim}))")
+                qparams.append(_vec_literal(v))
+        cur.execute(_sql(f"SELECT id, {', '.join(cols)} FROM {{s}}.items {where}",
+                         self.store.schema), [*qparams, *params])
+        rows = cur.fetchall()
+        if not rows:
+            return np.zeros(0, np.int64), np.zeros(0)
+        arr = np.array(rows, np.float64)
+        ids = arr[:, 0].astype(np.int64)
+        j = 1
+        si = st = None
+        if img is not None:
+            si, j = arr[:, j].astype(np.float32)[None], j + 1
+        if txt is not None:
+            st = arr[:, j].astype(np.float32)[None]
+        f = _fuse(method, si, st, lam, stats)[0]
+        keep = min(len(ids), k + 64)
+        top = np.argsort(-f, kind="stable")[:keep]
+        cand = ids[top]
+        cur.execute(_sql("SELECT id, embedding FROM {s}.items WHERE id = ANY(%s)",
+                         self.store.schema), (cand.tolist(),))
+        got = cur.fetchall()
+        return np.array([r[0] for r in got], np.int64), np.stack([r[1] for r in got]).astype(np.float32)
+
+    # ----------------------------------------------------------------- search
+    def search_ids(
+        self,
+        img: np.ndarray | None,
+        txt: np.ndarray | None,
+        method: str = "weicom",
+        lams: Sequence[float] = (0.5,),
+        k: int = 20,
+        exclude_id: int | None = None,
+        where: ItemFilter | None = None,
+    ) -> list[tuple[np.ndarray, np.ndarray, CandidateStats]]:
+        """Top-k (ids, scores, stats) per λ for one query, all from one database snapshot."""
+        check_method(method)
+        lams = [check_lam(x) for x in lams]
+        if method in NEEDS_IMAGE and img is None:
+            raise ValueError(f"method {method!r} needs a query image")
+        if method in NEEDS_TEXT and txt is None:
+            raise ValueError(f"method {method!r} needs a query text")
+        qi = None if img is None or method not in NEEDS_IMAGE else np.asarray(img, np.float32).ravel()
+        qt = None if txt is None or method not in NEEDS_TEXT else np.asarray(txt, np.float32).ravel()
+        wsql, wparams = _where_sql(where, exclude_id)
+        out = []
+        with self.store._pool.connection() as conn:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            cur = conn.cursor(binary=True)
+            n, am = self._archive_moments(cur)
+            if n == 0 or k < 1:
+                return [(np.zeros(0, np.int64), np.zeros(0), CandidateStats()) for _ in lams]
+            stats: tuple[QueryStats | None, QueryStats | None] = (None, None)
+            if method == "weicom":
+                if am is None:
+                    raise ValueError("WeiCom normalization needs an archive of at least 2 items")
+                stats = (am.query_stats(qi[None]) if qi is not None else None,
+                         am.query_stats(qt[None]) if qt is not None else None)
+            cur.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+            cur.execute(f"SET LOCAL hnsw.ef_search = {min(1000, max(40, int(self.ef_search)))}")
+            cur.execute(f"SET LOCAL hnsw.max_scan_tuples = {max(20000, 8 * self.max_candidates)}")
+            for lam in lams:
+                out.append(self._one(cur, qi, qt, method, lam, k, stats, wsql, wparams))
+        return out
+
+    def _one(self, cur: Any, qi: np.ndarray | None, qt: np.ndarray | None, method: str,
+             lam: float, k: int, stats: tuple[QueryStats | None, QueryStats | None],
+             wsql: str, wparams: list[Any]) -> tuple[np.ndarray, np.ndarray, CandidateStats]:
+        cs = CandidateStats()
+        si_st, ti_st = stats
+        # the directions whose top lists hold the answer, and for each the "unseen" bound
+        if method == "product":
+            dirs: list[np.ndarray] = []
+        elif method == "image" or (method == "weicom" and lam == 0.0):
+            dirs = [qi]
+        elif method == "text" or (method == "weicom" and lam == 1.0):
+            dirs = [qt]
+        elif method in ("sum", "average"):
+            dirs = [qi + qt]
+        else:  # weicom, 0 < λ < 1
+            sd_i = float(np.where(si_st.std > 0, si_st.std, 1.0)[0, 0])
+            sd_t = float(np.where(ti_st.std > 0, ti_st.std, 1.0)[0, 0])
+            w = (1 - lam) * qi / sd_i + lam * qt / sd_t
+            dirs = [qi, qt, w.astype(np.float32)]
+        limit = max(k + 16, 2 * k, 32)
+        while dirs:
+            cs.rounds += 1
+            lists = []
+            for v in dirs:
+                unit = v / max(float(np.linalg.norm(v)), 1e-12)
+                ids, x = self._fetch(cur, unit, limit, wsql, wparams)
+                lists.append((ids, x, v))
+            ids = np.concatenate([lst[0] for lst in lists])
+            x = np.concatenate([lst[1] for lst in lists])
+            ids, first = np.unique(ids, return_index=True)  # sorted by id: ties → lower id
+            x = x[first]
+            cs.candidates = len(ids)
+            short = any(len(lst[0]) < limit for lst in lists)
+            scores = self._rescore(x, qi, qt, method, lam, stats)
+            if short:
+                break  # a list ran dry: filters or a scan limit; the exact scan decides
+            kth = np.sort(scores)[::-1][k - 1] if len(scores) >= k else -np.inf
+            if kth >= self._unseen_bound(lists, qi, qt, method, lam, stats):
+                return _top(ids, scores, k) + (cs,)
+            if limit >= self.max_candidates:
+                break
+            limit = min(limit * 4, self.max_candidates)
+        cs.exact_scan = True
+        ids, x = self._exact_scan(cur, qi, qt, method, lam, k, stats, wsql, wparams)
+        if not len(ids):
+            return ids, np.zeros(0), cs
+        order = np.argsort(ids)
+        ids, x = ids[order], x[order]
+        return _top(ids, self._rescore(x, qi, qt, method, lam, stats), k) + (cs,)
+
+    def _rescore(self, x: np.ndarray, qi: np.ndarray | None, qt: np.ndarray | None, method: str,
+                 lam: float, stats: tuple[QueryStats | None, QueryStats | None]) -> np.ndarray:
+        si = (qi[None] @ x.T) if qi is not None else None
+        st = (qt[None] @ x.T) if qt is not None else None
+        return np.asarray(_fuse(method, si, st, lam, stats), np.float64)[0]
+
+    def _unseen_bound(self, lists: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                      qi: np.ndarray | None, qt: np.ndarray | None, method: str, lam: float,
+                      stats: tuple[QueryStats | None, QueryStats | None]) -> float:
+        """The best score any item outside all candidate lists can have."""
+        th = [float((x @ v).min()) + self._quant_err(v) for _, x, v in lists]
+        if len(th) == 1:
+            a = np.array([[th[0]]], np.float32)
+            if method in ("sum", "average"):
+                return th[0] if method == "sum" else th[0] / 2
+            return float(_fuse(method, a, a, lam, stats)[0, 0])
+        si_st, ti_st = stats
+        mi, sdi = float(si_st.mean[0, 0]), float(np.where(si_st.std > 0, si_st.std, 1.0)[0, 0])
+        mt, sdt = float(ti_st.mean[0, 0]), float(np.where(ti_st.std > 0, ti_st.std, 1.0)[0, 0])
+        a_z, b_z = (th[0] - mi) / sdi, (th[1] - mt) / sdt
+        line = th[2] - (1 - lam) * mi / sdi - lam * mt / sdt
+        return _weicom_bound(a_z, b_z, line, lam) + 1e-6
+
+    def search(
+        self,
+        image: str | os.PathLike[str] | ImageLike | None = None,
+        text: str | Sequence[str] | None = None,
+        *,
+        item_id: int | None = None,
+        lam: float = 0.5,
+        k: int = 20,
+        method: str = "weicom",
+        exclude_query: bool = True,
+        where: ItemFilter | None = None,
+    ) -> SearchResult:
+        """Same call and result as :meth:`rscir.search.Searcher.search`."""
+        if image is not None and item_id is not None:
+            raise ValueError("give a query image or an item id, not both")
+        img = None
+        qid = None
+        if item_id is not None:
+            img, qid = self.item_vector(item_id), int(item_id)
+        elif image is not None:
+            img, qid = self.image_vector(image)
+        texts = [] if text is None else ([text] if isinstance(text, str) else list(text))
+        txt = self.text_vector(texts) if texts else None
+        ids, scores, _ = self.search_ids(img, txt, method, [lam], k,
+                                         exclude_id=qid if exclude_query else None, where=where)[0]
+        meta = self.store.items_for_ids(ids.tolist()) if len(ids) else None
+        hits = [] if meta is None else [
+            Hit(rank=i + 1, id=int(iid), path=str(p), score=float(s),
+                label=None if lab is None else str(lab))
+            for i, (iid, p, lab, s) in enumerate(zip(meta["id"], meta["path"], meta["label"],
+                                                     scores.tolist(), strict=True))
+        ]
+        return SearchResult(hits=hits, method=method, lam=float(lam), texts=texts, query_id=qid)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _fuse(method: str, si: np.ndarray | None, st: np.ndarray | None, lam: float,
+          stats: tuple[QueryStats | None, QueryStats | None]) -> np.ndarray:
+    if method == "weicom":
+        return fuse(method, si, st, lam, img_stats=stats[0], txt_stats=stats[1])
+    return fuse(method, si, st, lam)
+
+
+def _top(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best k (ids ascending beforehand, so equal scores keep the lower id first)."""
+    order = np.lexsort((np.arange(len(scores)), -scores))[:k]
+    return ids[order], scores[order]
+
+
+def open_pg_searcher(uri: str, **model_kwargs: Any) -> PgSearcher:
+    """Open a Postgres store read-only together with its model (like :func:`rscir.open_searcher`)."""
+    from .api import load_encoder_for_store
+
+    store = PgStore.open(uri)
+    try:
+        enc = load_encoder_for_store(store, **model_kwargs)  # type: ignore[arg-type]
+    except Exception:
+        store.close()
+        raise
+    return PgSearcher(store, enc)
+
+
+def index_folder_pg(folder: str | os.PathLike[str], uri: str, *, model: str | None = None,
+                    arch: str | None = None, checkpoint: str | None = None, device: str = "auto",
+                    encoder: Encoder | None = None, dtype: str = "float16", **kwargs: Any) -> Any:
+    """`rscir index FOLDER --store postgresql://...`: the embedded pipeline writing to Postgres
+    (resume by path/size/mtime, bad-file report, HNSW built at the end)."""
+    from .api import load_encoder_for_store
+    from .encoders.registry import default_registry
+    from .ingest import index_folder
+
+    if encoder is None:
+        if model is None and arch is None and PgStore.exists(uri):
+            with PgStore.open(uri) as st:
+                encoder = load_encoder_for_store(st, checkpoint=checkpoint, device=device)  # type: ignore[arg-type]
+        else:
+            encoder = default_registry().load(model, arch=arch, checkpoint=checkpoint, device=device)
+    store = PgStore.open_or_create(uri, encoder.info, Path(folder).resolve(), dtype=dtype)
+    return index_folder(folder, store, encoder, dtype=dtype, **kwargs)  # type: ignore[arg-type]

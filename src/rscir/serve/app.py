@@ -1,0 +1,487 @@
+"""The HTTP API (FastAPI) and the web page for composed search.
+
+``create_app(source)`` takes a store directory, a ``postgresql://`` URI or an open searcher.
+The model is loaded once, when the app is made; searches run in worker threads (numpy and torch
+release the GIL), bounded by ``ServeConfig.workers``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..scoring import METHODS
+from ..search import ItemFilter
+from .backend import LRU, Backend, open_backend
+from .middleware import AccessLog, BodyLimit, BodyTooLarge
+from .uploads import UploadError, decode_upload
+
+log = logging.getLogger("rscir.serve")
+
+Method = Literal["weicom", "image", "text", "average", "sum", "product"]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits and knobs of one server."""
+
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    max_k: int = 200
+    max_lams: int = 21
+    max_texts: int = 8
+    max_text_chars: int = 500
+    workers: int = 8
+    thumb_max: int = 512
+    thumb_cache: int = 1024
+    upload_cache: int = 128
+    text_cache: int = 512
+
+
+# ----------------------------------------------------------------------------- request models
+class FilterSpec(BaseModel):
+    """Metadata restrictions: any of these labels, and/or a lon/lat box."""
+
+    model_config = ConfigDict(extra="forbid")
+    labels: list[str] = Field(default_factory=list, max_length=64)
+    bbox: tuple[float, float, float, float] | None = Field(
+        None, description="(min_lon, min_lat, max_lon, max_lat)")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: list[str]) -> list[str]:
+        if any(not s or len(s) > 200 for s in v):
+            raise ValueError("labels must be 1..200 characters")
+        return v
+
+    @field_validator("bbox")
+    @classmethod
+    def _bbox(cls, v: tuple[float, float, float, float] | None) -> Any:
+        if v is None:
+            return v
+        if not all(math.isfinite(x) for x in v):
+            raise ValueError("bbox values must be finite")
+        if v[0] > v[2] or v[1] > v[3]:
+            raise ValueError("bbox must be (min_lon, min_lat, max_lon, max_lat)")
+        return v
+
+    def to_filter(self) -> ItemFilter | None:
+        f = ItemFilter(labels=tuple(self.labels), bbox=self.bbox)
+        return None if f.is_empty() else f
+
+
+class SearchRequest(BaseModel):
+    """A composed query. The image is an archive item (``item_id``), an uploaded file (multipart
+    part ``image``), or ``image_token``: the token a previous upload returned (saves re-sending
+    the file while λ, text or method change)."""
+
+    model_config = ConfigDict(extra="forbid")
+    item_id: int | None = Field(None, ge=0)
+    image_token: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    texts: list[str] = Field(default_factory=list, description="text modifiers (averaged)")
+    method: Method = "weicom"
+    lam: float = Field(0.5, ge=0.0, le=1.0, description="0 = image only, 1 = text only")
+    lams: list[float] | None = Field(None, min_length=1, description="several λ (a λ strip)")
+    k: int = Field(20, ge=1)
+    filter: FilterSpec | None = None
+    exclude_query: bool = True
+
+    @field_validator("lams")
+    @classmethod
+    def _lams(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(0.0 <= x <= 1.0 for x in v):
+            raise ValueError("every λ must be in [0, 1]")
+        return v
+
+
+class Hit(BaseModel):
+    rank: int
+    id: int
+    path: str
+    score: float
+    label: str | None
+    labels: list[str]
+    lon: float | None
+    lat: float | None
+    width: int
+    height: int
+    thumbnail: str
+
+
+class LamResult(BaseModel):
+    lam: float
+    hits: list[Hit]
+
+
+class SearchResponse(BaseModel):
+    query: dict[str, Any]
+    results: list[LamResult]
+    took_ms: float
+
+
+class ItemOut(BaseModel):
+    id: int
+    path: str
+    label: str | None
+    labels: list[str]
+    lon: float | None
+    lat: float | None
+    width: int
+    height: int
+    size: int
+    thumbnail: str
+
+
+# ----------------------------------------------------------------------------- helpers
+def _num(v: Any) -> float | None:
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
+
+
+def _item_out(r: Any) -> dict[str, Any]:
+    return {
+        "id": int(r.id), "path": str(r.path), "label": None if r.label is None else str(r.label),
+        "labels": [str(x) for x in r.labels], "lon": _num(r.lon), "lat": _num(r.lat),
+        "width": int(r.width), "height": int(r.height), "size": int(r.size),
+        "thumbnail": f"/items/{int(r.id)}/thumbnail",
+    }
+
+
+def _web_dir() -> Path:
+    return Path(str(resources.files("rscir") / "web"))
+
+
+class _Api:
+    """The app's state and handlers (kept on ``app.state.api``, nothing global)."""
+
+    def __init__(self, backend: Backend, cfg: ServeConfig) -> None:
+        self.backend = backend
+        self.cfg = cfg
+        self.limiter = anyio.CapacityLimiter(cfg.workers)
+        self.uploads = LRU(cfg.upload_cache)
+        self.texts = LRU(cfg.text_cache)
+        self.thumbs = LRU(cfg.thumb_cache)
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    def check(self, req: SearchRequest) -> None:
+        c = self.cfg
+        if req.k > c.max_k:
+            raise HTTPException(422, f"k must be <= {c.max_k}")
+        if req.lams is not None and len(req.lams) > c.max_lams:
+            raise HTTPException(422, f"at most {c.max_lams} λ values")
+        if len(req.texts) > c.max_texts or any(len(t) > c.max_text_chars for t in req.texts):
+            raise HTTPException(422, f"at most {c.max_texts} texts of {c.max_text_chars} characters")
+        if req.item_id is not None and req.image_token is not None:
+            raise HTTPException(422, "give item_id or image_token, not both")
+
+    def text_vec(self, texts: list[str]) -> np.ndarray | None:
+        tl = tuple(t.strip() for t in texts if t.strip())
+        if not tl:
+            return None
+        return self.texts.get_or_make(tl, lambda: self.backend.encode_texts(list(tl)))
+
+    def upload_vec(self, data: bytes) -> tuple[str, np.ndarray]:
+        token = hashlib.sha256(data).hexdigest()
+        vec = self.uploads.get(token)
+        if vec is None:
+            img = decode_upload(data, max_bytes=self.cfg.max_upload_bytes,
+                                max_pixels=self.cfg.max_pixels)
+            vec = self.backend.encode_image(img)
+            self.uploads.put(token, vec)
+        return token, vec
+
+    def search(self, req: SearchRequest, upload: bytes | None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        img = None
+        token = req.image_token
+        if upload is not None:
+            if req.item_id is not None or req.image_token is not None:
+                raise HTTPException(422, "give an uploaded image, item_id or image_token, not several")
+            token, img = self.upload_vec(upload)
+        elif token is not None:
+            img = self.uploads.get(token)
+            if img is None:
+                raise HTTPException(410, "image_token unknown or expired: upload the image again")
+        elif req.item_id is not None:
+            try:
+                img = self.backend.item_vector(req.item_id)
+            except KeyError:
+                raise HTTPException(404, f"no item with id {req.item_id}") from None
+        txt = self.text_vec(req.texts)
+        lams = req.lams if req.lams is not None else [req.lam]
+        where = req.filter.to_filter() if req.filter else None
+        exclude = req.item_id if req.exclude_query else None
+        res = self.backend.search(img, txt, req.method, lams, req.k, exclude, where)
+        all_ids = np.unique(np.concatenate([ids for ids, _ in res])) if res else np.zeros(0)
+        meta = self.backend.items(all_ids.tolist()).set_index("id", drop=False)
+        results = []
+        for lam, (ids, scores) in zip(lams, res, strict=True):
+            rows = meta.loc[ids] if len(ids) else meta.iloc[:0]
+            hits = []
+            for rank, (r, s) in enumerate(zip(rows.itertuples(index=False), scores.tolist(),
+                                              strict=True), start=1):
+                d = _item_out(r)
+                d.pop("size")
+                hits.append({"rank": rank, "score": float(s), **d})
+            results.append({"lam": float(lam), "hits": hits})
+        return {
+            "query": {"item_id": req.item_id, "image_token": token, "texts": req.texts,
+                      "method": req.method, "k": req.k,
+                      "filter": req.filter.model_dump() if req.filter else None},
+            "results": results,
+            "took_ms": round((time.perf_counter() - t0) * 1e3, 2),
+        }
+
+    def item(self, item_id: int) -> dict[str, Any]:
+        try:
+            df = self.backend.items([item_id])
+        except KeyError:
+            raise HTTPException(404, f"no item with id {item_id}") from None
+        return _item_out(next(df.itertuples(index=False)))
+
+    def thumbnail(self, item_id: int, size: int) -> bytes:
+        from PIL import Image
+
+        from ..ingest import ImageDecodeError, load_image
+
+        key = (item_id, size)
+        hit = self.thumbs.get(key)
+        if hit is not None:
+            return hit
+        try:
+            rel = str(self.backend.items([item_id])["path"].iloc[0])
+        except KeyError:
+            raise HTTPException(404, f"no item with id {item_id}") from None
+        try:
+            path = self.backend.resolve(rel)
+        except ValueError:
+            log.warning("refused item %s: its path %r leaves the archive root", item_id, rel)
+            raise HTTPException(404, "the item's file is not inside the archive") from None
+        if not path.is_file():
+            raise HTTPException(404, "the item's file is missing from the archive")
+        try:
+            img, _ = load_image(path, self.cfg.max_pixels)
+        except ImageDecodeError as e:
+            raise HTTPException(422, f"the item's file cannot be decoded: {e}") from None
+        img.thumbnail((size, size), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        data = buf.getvalue()
+        self.thumbs.put(key, data)
+        return data
+
+
+def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: Any) -> FastAPI:
+    """The FastAPI app serving ``source`` (store directory, ``postgresql://`` URI or searcher).
+
+    ``model_kwargs`` (model, arch, checkpoint, device) pick the model when the store's own
+    cannot be found."""
+    cfg = config or ServeConfig()
+    backend = open_backend(source, **model_kwargs)
+    api = _Api(backend, cfg)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        yield
+        log.info("shutting down: closing the store")
+        backend.close()
+
+    app = FastAPI(
+        title="rscir",
+        summary="Composed image retrieval (query image + text modifier) for remote sensing",
+        version=_version(),
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.api = api
+
+    # --------------------------------------------------------------- errors: never a trace
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _clean_errors(exc.errors())}, status_code=422)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return JSONResponse({"detail": f"request body over {cfg.max_upload_bytes} bytes"},
+                            status_code=413)
+
+    @app.exception_handler(UploadError)
+    async def _upload(request: Request, exc: UploadError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        rid = request.scope.get("state", {}).get("request_id", "-")
+        log.error("unhandled error in %s %s (rid=%s)", request.method, request.url.path, rid,
+                  exc_info=exc)
+        return JSONResponse({"detail": "internal server error", "request_id": rid},
+                            status_code=500)
+
+    # --------------------------------------------------------------- routes
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(_web_dir() / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=_web_dir()), name="static")
+
+    @app.get("/healthz", summary="liveness")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @app.get("/info", summary="model, store size, dimensions, limits")
+    async def info() -> dict[str, Any]:
+        d = await api.run(backend.info)
+        return {**_jsonable(d), "methods": list(METHODS),
+                "limits": {"max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels,
+                           "max_k": cfg.max_k, "max_lams": cfg.max_lams}}
+
+    @app.get("/labels", summary="labels in the archive with item counts")
+    async def labels() -> dict[str, Any]:
+        pairs = await api.run(backend.labels)
+        return {"labels": [{"name": n, "count": c} for n, c in pairs]}
+
+    @app.get("/items", summary="page through archive items")
+    async def items(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500),
+                    label: str | None = Query(None, max_length=200)) -> dict[str, Any]:
+        total, df = await api.run(backend.list_items, offset, limit, label)
+        return {"total": total, "offset": offset,
+                "items": [_item_out(r) for r in df.itertuples(index=False)]}
+
+    @app.get("/items/{item_id}", response_model=ItemOut, summary="an item's metadata")
+    async def item(item_id: int) -> dict[str, Any]:
+        return await api.run(api.item, item_id)
+
+    @app.get("/items/{item_id}/thumbnail", summary="an item's image as a JPEG thumbnail",
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    async def thumbnail(item_id: int, size: int = Query(256, ge=16, le=512)) -> Response:
+        data = await api.run(api.thumbnail, item_id, min(size, cfg.thumb_max))
+        return Response(data, media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.post(
+        "/search",
+        response_model=SearchResponse,
+        summary="composed search",
+        description=(
+            "JSON body (a SearchRequest), or multipart/form-data with the query image in part "
+            "`image` and the SearchRequest as JSON in part `query`. The response carries an "
+            "`image_token` for uploads: send it instead of the file for the next search."),
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}},
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["image"],
+                "properties": {"image": {"type": "string", "format": "binary"},
+                               "query": {"type": "string",
+                                         "description": "SearchRequest as JSON"}}}},
+        }}},
+    )
+    async def search(request: Request) -> dict[str, Any]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        upload: bytes | None = None
+        if ctype == "application/json":
+            raw = await request.body()
+            qtext = raw.decode("utf-8", errors="replace")
+        elif ctype == "multipart/form-data":
+            qtext, upload = await _read_multipart(request, cfg)
+        else:
+            raise HTTPException(415, "send application/json or multipart/form-data")
+        try:
+            req = SearchRequest.model_validate_json(qtext or "{}")
+        except ValidationError as e:
+            raise HTTPException(422, _clean_errors(e.errors())) from None
+        api.check(req)
+        try:
+            return await api.run(api.search, req, upload)
+        except ValueError as e:  # e.g. a method that needs text got none
+            raise HTTPException(422, str(e)) from None
+        except KeyError as e:
+            raise HTTPException(404, str(e).strip("'\"")) from None
+
+    _install_openapi(app)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_upload_bytes + 64 * 1024)  # type: ignore[arg-type]
+    app.add_middleware(AccessLog)  # type: ignore[arg-type]  # outermost: logs 413s too
+    return app
+
+
+async def _read_multipart(request: Request, cfg: ServeConfig) -> tuple[str, bytes | None]:
+    try:
+        form = await request.form(max_files=1, max_fields=4, max_part_size=64 * 1024)
+    except HTTPException as e:
+        raise HTTPException(422, f"malformed multipart body: {e.detail}") from None
+    try:
+        q = form.get("query")
+        qtext = q if isinstance(q, str) else "{}"
+        f = form.get("image")
+        if f is None or isinstance(f, str):
+            raise HTTPException(422, "multipart search needs the query image in part 'image'")
+        data = await f.read(cfg.max_upload_bytes + 1)
+        if len(data) > cfg.max_upload_bytes:
+            raise HTTPException(413, f"the upload is larger than {cfg.max_upload_bytes} bytes")
+        return qtext, data
+    finally:
+        await form.close()
+
+
+def _clean_errors(errors: Any) -> list[dict[str, Any]]:
+    """Validation errors without echoing whole inputs or internals."""
+    out = []
+    for e in errors:
+        out.append({"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")),
+                    "type": str(e.get("type", ""))})
+    return out
+
+
+def _jsonable(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _jsonable(v) for k, v in d.items()}
+    if isinstance(d, list | tuple):
+        return [_jsonable(v) for v in d]
+    if isinstance(d, np.generic):
+        return d.item()
+    if isinstance(d, float) and not math.isfinite(d):
+        return None
+    return d
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """Add the request models that /search parses by hand to the OpenAPI components."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                             routes=app.routes)
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        js = SearchRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps.update(js.pop("$defs", {}))
+        comps["SearchRequest"] = js
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
