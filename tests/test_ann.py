@@ -45,7 +45,7 @@ def _recall(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_choose_kind() -> None:
     assert choose_kind(1000) == "flat"
-    assert choose_kind(1_000_000) == "hnsw"
+    assert choose_kind(1_000_000) == "ivf"
     assert choose_kind(10_000_000) == "ivfpq"
 
 
@@ -55,7 +55,7 @@ def test_flat_is_exact(big: np.ndarray) -> None:
     assert np.array_equal(idx.search(q, 20), ExactSource(big).search(q, 20))
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq"])
 def test_ann_recall(big: np.ndarray, kind: str) -> None:
     params = AnnParams(nlist=64, nprobe=16, pq_m=8, rerank_factor=8)
     idx = AnnIndex.build(big, kind, params)
@@ -83,9 +83,23 @@ def test_composed_topk_with_ann_streams(big: np.ndarray) -> None:
     np.testing.assert_allclose(approx.scores[same], exact.scores[same], atol=1e-12)
 
 
+def test_ivf_probing_every_list_is_exact(big: np.ndarray) -> None:
+    idx = AnnIndex.build(big, "ivf", AnnParams(nlist=16, nprobe=16))
+    q = big[:5].astype(np.float32)
+    # float16 codes hold the float16 archive exactly: all lists probed = the exact top-k
+    # (same similarities; order may differ only within float32 summation-order ties)
+    got, want = idx.search(q, 20), ExactSource(big).search(q, 20)
+    x = big.astype(np.float64)
+    sims = lambda rows: np.einsum("qkd,qd->qk", x[rows], q.astype(np.float64))  # noqa: E731
+    np.testing.assert_allclose(sims(got), sims(want), atol=1e-6)
+    assert np.mean(got == want) > 0.9
+
+
 def test_ivfpq_refuses_too_few_items() -> None:
     with pytest.raises(ValueError, match="ivfpq needs at least"):
         AnnIndex.build(_archive(500), "ivfpq")
+    with pytest.raises(ValueError, match="ivf with 64 lists needs at least"):
+        AnnIndex.build(_archive(500), "ivf", AnnParams(nlist=64))
     with pytest.raises(ValueError, match="unknown index kind"):
         AnnIndex.build(_archive(50), "lsh")
 

@@ -39,6 +39,35 @@ def test_weights_ship_and_it_is_the_default() -> None:
     assert reg.specs["rscir-mini"].backend == "rscir-mini"
 
 
+def test_model_card_recipe_matches_the_shipped_weights() -> None:
+    """The model card's `rscir train` command parses, its settings are those recorded in the
+    shipped weights, and the card's headline held-out numbers are the weights' own."""
+    import re
+    import shlex
+    from dataclasses import asdict
+
+    from safetensors import safe_open
+
+    from rscir.cli import build_parser
+    from rscir.commands.train import configs
+    from rscir.train.towers import TowerConfig
+
+    card = (Path(__file__).resolve().parents[1] / "docs" / "MODEL_CARD_rscir-mini.md").read_text()
+    block = re.search(r"```bash\n(rscir train runs/rscir-mini .*?)```", card, re.S)
+    assert block, "the model card must give the training command"
+    args = build_parser().parse_args(shlex.split(block.group(1).replace("\\\n", " "))[1:])
+    assert args.install == "src/rscir/weights/rscir-mini.safetensors"
+    tower, train = configs(args)
+    with safe_open(str(packaged_weights()), "pt") as f:
+        meta = f.metadata()
+    assert TowerConfig.from_json(meta["tower"]) == tower
+    assert json.loads(meta["train_config"]) == asdict(train)
+    last = json.loads(meta["history"])[-1]
+    row = re.search(r"\*\*rscir-mini\*\*.*", card).group(0)
+    for k in ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2i_mAP"):
+        assert f"**{last[f'test_{k}']:.3f}**" in row, k
+
+
 def test_interface_contract(mini: MiniEncoder) -> None:
     rng = np.random.default_rng(0)
     imgs = [rng.integers(0, 255, (50 + 7 * i, 70, 3), dtype=np.uint8) for i in range(3)]

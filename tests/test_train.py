@@ -281,6 +281,23 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
         other.fit()
 
 
+def test_zero_epochs_keep_the_seeded_initial_tower(tmp_path: Path) -> None:
+    """``--epochs 0`` is the random floor of the model card: nothing trained, metrics measured,
+    the exported tower is exactly the seeded initial one."""
+    root = _make_archive(tmp_path / "a")
+    tr = _trainer(root, tmp_path / "r0", TrainConfig(epochs=0, batch_size=8, seed=3))
+    init = {k: v.clone() for k, v in tr.tower.state_dict().items()}
+    hist = tr.fit()
+    assert [r["epoch"] for r in hist.rows] == [0] and "val_t2i_R@1" in hist.rows[0]
+    for k, v in tr.tower.state_dict().items():
+        assert torch.equal(v, init[k]), k
+    trained = _trainer(root, None, TrainConfig(epochs=1, batch_size=8, seed=3))
+    trained.fit()
+    assert not all(torch.equal(v, init[k]) for k, v in trained.tower.state_dict().items())
+    with pytest.raises(ValueError, match="at least 0 epochs"):
+        TrainConfig(epochs=-1)
+
+
 def test_export_roundtrip_and_descriptor_tower(tmp_path: Path) -> None:
     root = _make_archive(tmp_path / "a", per_class=3, size=20)
     cfg = TowerConfig(kind="descriptor", embed_dim=16, hidden=32)

@@ -1,11 +1,19 @@
 """Approximate nearest-neighbour indexes (FAISS) kept next to a store, for sub-linear top-k.
 
-Three kinds, all by inner product on the L2-normalized embeddings (= cosine similarity):
+Four kinds, all by inner product on the L2-normalized embeddings (= cosine similarity):
 
 * ``flat``  — ``IndexFlatIP``: exact, a full scan (BLAS); the reference and the choice for
   small archives.
-* ``hnsw``  — ``IndexHNSWSQ`` with float16 storage: the graph index; fp16 holds the store's
-  float16 embeddings without loss, at half the RAM of float32.
+* ``ivf``   — ``IndexIVFScalarQuantizer`` with float16 codes: k-means lists, ``nprobe`` of them
+  scanned exactly (fp16 holds the store's float16 embeddings without loss). The default for
+  large archives: the coarse step ranks *every* centroid exactly, so it stays reliable for
+  composed and text queries, which lie away from the image embeddings (a modality gap).
+* ``hnsw``  — ``IndexHNSWSQ`` with float16 storage: the graph index, fastest for queries that
+  look like the archive (image to image). Greedy graph search can get stuck for such
+  out-of-distribution queries: on the clustered benchmark archive (benchmarks/scale_search.py,
+  100k items) composed WeiCom recall@10 stayed at 0.91–0.95 with efSearch up to 512, and some
+  combined-query streams missed their true neighbours even at efSearch 2048; IVF reached 0.997
+  at nprobe 32. So ``auto`` never picks it; ask for it with ``--kind hnsw``.
 * ``ivfpq`` — ``IndexIVFPQ`` (coarse k-means + product quantization, ~d/8 bytes per vector)
   for archives too large for RAM, with **exact re-ranking**: it returns ``rerank_factor``×
   more candidates than asked, which are re-scored with the store's own embeddings.
@@ -39,12 +47,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KINDS: tuple[str, ...] = ("auto", "flat", "hnsw", "ivfpq")
+KINDS: tuple[str, ...] = ("auto", "flat", "ivf", "hnsw", "ivfpq")
 ARTIFACT = "ann"
 INDEX_FILE = "index.faiss"
 META_FILE = "meta.json"
 FLAT_MAX = 100_000
-HNSW_MAX = 2_000_000
+IVF_MAX = 5_000_000  # float16 vectors of 5M × 512 take 5 GB of RAM; compressed codes beyond
 
 
 class StaleIndexError(RuntimeError):
@@ -52,11 +60,11 @@ class StaleIndexError(RuntimeError):
 
 
 def choose_kind(n: int) -> str:
-    """Exact scan while it is cheap, a graph while vectors fit in RAM, compressed codes beyond."""
+    """Exact scan while it is cheap, exact lists while vectors fit in RAM, compressed beyond."""
     if n <= FLAT_MAX:
         return "flat"
-    if n <= HNSW_MAX:
-        return "hnsw"
+    if n <= IVF_MAX:
+        return "ivf"
     return "ivfpq"
 
 
@@ -67,16 +75,26 @@ class AnnParams:
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int = 64
-    nlist: int | None = None  # IVF lists; default ~4·√n
+    nlist: int | None = None  # IVF lists; default ~2·√n
     pq_m: int | None = None  # PQ sub-quantizers; default d/8 (d/8 bytes per vector)
     pq_bits: int = 8
     nprobe: int = 32
     rerank_factor: int = 4
-    train_size: int = 100_000
+    train_size: int = 65_536  # k-means sample (at least 40 per list)
+    kmeans_iters: int = 10  # enough for list assignment; FAISS's 25 triples the build time
     seed: int = 0
 
+    def train_rows(self) -> int:
+        """k-means sample size: ``train_size`` but at least 40 points per list."""
+        return max(self.train_size, 40 * (self.nlist or 1))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AnnParams:
+        """Saved parameters; keys of other rscir versions are ignored."""
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
     def resolved(self, n: int, d: int) -> AnnParams:
-        nlist = self.nlist or int(min(max(16, 4 * math.sqrt(max(n, 1))), max(1, n // 39)))
+        nlist = self.nlist or int(min(max(16, 2 * math.sqrt(max(n, 1))), max(1, n // 39)))
         pq_m = self.pq_m or _largest_divisor_at_most(d, max(1, d // 8))
         return replace(self, nlist=max(1, nlist), pq_m=pq_m)
 
@@ -134,7 +152,7 @@ class AnnIndex:
         self.index = index
         self.meta = meta
         self.embeddings = embeddings  # needed for the exact re-ranking of ivfpq
-        self.params = AnnParams(**meta.params)
+        self.params = AnnParams.from_dict(meta.params)
 
     @property
     def kind(self) -> str:
@@ -171,6 +189,20 @@ class AnnIndex:
             index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_fp16, p.hnsw_m, metric)
             index.hnsw.efConstruction = p.ef_construction
             index.train(_training_sample(embeddings, 1000, p.seed))  # fp16 needs no statistics
+        elif kind == "ivf":
+            if n < 39 * (p.nlist or 1):
+                raise ValueError(
+                    f"ivf with {p.nlist} lists needs at least {39 * (p.nlist or 1)} items to train "
+                    f"(have {n}); use fewer --nlist or --kind flat for this archive"
+                )
+            quantizer = faiss.IndexFlatIP(d)
+            index = faiss.IndexIVFScalarQuantizer(
+                quantizer, d, p.nlist, faiss.ScalarQuantizer.QT_fp16, metric
+            )
+            index.by_residual = False  # fp16 of the vector itself, not of a residual: lossless
+            index.cp.seed = p.seed
+            index.cp.niter = p.kmeans_iters
+            index.train(_training_sample(embeddings, p.train_rows(), p.seed))
         else:
             if n < 39 * (p.nlist or 1) or n < 39 * 2**p.pq_bits:
                 raise ValueError(
@@ -180,8 +212,9 @@ class AnnIndex:
             quantizer = faiss.IndexFlatIP(d)
             index = faiss.IndexIVFPQ(quantizer, d, p.nlist, p.pq_m, p.pq_bits, metric)
             index.cp.seed = p.seed
+            index.cp.niter = p.kmeans_iters
             index.pq.cp.seed = p.seed
-            index.train(_training_sample(embeddings, p.train_size, p.seed))
+            index.train(_training_sample(embeddings, p.train_rows(), p.seed))
         _add_chunked(index, embeddings)
         meta = IndexMeta(
             kind=kind,
@@ -245,6 +278,11 @@ class AnnIndex:
         if self.kind == "hnsw":
             sp = faiss.SearchParametersHNSW()
             sp.efSearch = max(p.ef_search, depth)
+            _, rows = self.index.search(q, depth, params=sp)
+            return rows.astype(np.int64)
+        if self.kind == "ivf":  # fp16 codes hold the float16 store exactly: no re-ranking
+            sp = faiss.SearchParametersIVF()
+            sp.nprobe = min(p.nprobe, int(self.index.nlist))
             _, rows = self.index.search(q, depth, params=sp)
             return rows.astype(np.int64)
         if self.kind == "ivfpq":
@@ -318,5 +356,5 @@ def open_index(store: Store, *, rebuild_stale: bool = False, mmap: bool = False)
                 f"({len(store)} items); rebuild it with `rscir build-ann {store.path}`"
             )
         log.info("rebuilding stale ANN index of %s", store.path)
-        return build_index(store, meta.kind, AnnParams(**meta.params))
+        return build_index(store, meta.kind, AnnParams.from_dict(meta.params))
     return AnnIndex.load(index_dir(store), store.embeddings, mmap=mmap)

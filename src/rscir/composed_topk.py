@@ -47,25 +47,40 @@ class NeighborSource(Protocol):
 
 
 class ExactSource:
-    """Brute-force stream: the exact top-``depth`` by inner product (chunked over the archive)."""
+    """Brute-force stream: the exact top-``depth`` by inner product (chunked over the archive).
 
-    def __init__(self, embeddings: np.ndarray, chunk_rows: int = 1 << 16) -> None:
+    TA asks the same queries again at doubled depth; the last few similarity matrices are kept
+    (keyed by the query bytes) so a deeper read costs a top-k, not another scan."""
+
+    def __init__(self, embeddings: np.ndarray, chunk_rows: int = 1 << 16, cache: int = 6) -> None:
         self.embeddings = embeddings
         self.chunk_rows = chunk_rows
+        self._cache: dict[bytes, np.ndarray] = {}
+        self._cache_size = cache
 
     @property
     def ntotal(self) -> int:
         return int(self.embeddings.shape[0])
 
-    def search(self, queries: np.ndarray, depth: int) -> np.ndarray:
-        q = np.atleast_2d(np.asarray(queries, np.float32))
+    def similarities(self, queries: np.ndarray) -> np.ndarray:
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        key = q.shape[0].to_bytes(4, "little") + q.tobytes()
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
         n = self.ntotal
-        depth = min(int(depth), n)
         sims = np.empty((q.shape[0], n), np.float32)
         for s in range(0, n, self.chunk_rows):
             block = np.asarray(self.embeddings[s : s + self.chunk_rows], np.float32)
             sims[:, s : s + block.shape[0]] = q @ block.T
-        rows, _ = topk(sims, depth)
+        if len(self._cache) >= self._cache_size:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = sims
+        return sims
+
+    def search(self, queries: np.ndarray, depth: int) -> np.ndarray:
+        depth = min(int(depth), self.ntotal)
+        rows, _ = topk(self.similarities(queries), depth)
         return rows
 
 
@@ -205,6 +220,7 @@ def composed_topk(
     img_stats: QueryStats | None = None,
     txt_stats: QueryStats | None = None,
     exclude_rows: Sequence[int | None] | None = None,
+    allowed: np.ndarray | None = None,
     start_depth: int | None = None,
     max_depth: int | None = None,
     use_combined: bool = True,
@@ -215,6 +231,9 @@ def composed_topk(
     brute force). WeiCom needs the full-archive ``img_stats``/``txt_stats`` (see
     :func:`rscir.moments.query_stats`). ``max_depth`` caps the stream depth (ANN indexes);
     queries stopped by the cap rather than by the bound have ``certified == False``.
+    ``allowed`` (N,) bool restricts the results (metadata filters); it never loosens the bound,
+    since the unseen allowed items are a subset of the unseen items. Fewer than k rows come back
+    (padded with -1) when the cap is reached before k allowed items were seen.
     """
     check_method(method)
     lam = check_lam(lam)
@@ -236,6 +255,10 @@ def composed_topk(
         txt_stats = txt_stats if txt_stats is not None else neutral
     src = source if source is not None else ExactSource(embeddings)
     n = src.ntotal
+    if allowed is not None:
+        allowed = np.asarray(allowed, bool)
+        if allowed.shape != (n,):
+            raise ValueError(f"allowed must be a boolean mask of shape ({n},), got {allowed.shape}")
     k = int(k)
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -271,15 +294,19 @@ def composed_topk(
         a_qi = qi[active] if qi is not None else None
         a_qt = qt[active] if qt is not None else None
         a_is, a_ts = _stat_rows(img_stats, active), _stat_rows(txt_stats, active)
-        streams: list[tuple[str, np.ndarray]] = []
+        wanted: list[tuple[str, np.ndarray]] = []
         for name, vecs, use in (("img", a_qi, use_img), ("txt", a_qt, use_txt)):
             if not use or vecs is None:
                 continue
-            streams.append((name + "_hi", src.search(vecs, depth)))
+            wanted.append((name + "_hi", vecs))
             if method == "product":
-                streams.append((name + "_lo", src.search(-vecs, depth)))
+                wanted.append((name + "_lo", -vecs))
         if comb is not None:
-            streams.append(("comb", src.search(comb[active], depth)))
+            wanted.append(("comb", comb[active]))
+        # one search call for every stream: the source parallelizes over its queries
+        found = src.search(np.concatenate([v for _, v in wanted]), depth)
+        m = active.size
+        streams = [(name, found[i * m : (i + 1) * m]) for i, (name, _) in enumerate(wanted)]
         cand = np.concatenate([r for _, r in streams], axis=1)
         sc, si, st = exact_scores(embeddings, cand, a_qi, a_qt, method, lam, a_is, a_ts)
         # each stream's exact similarity at its depth bounds every item it did not return
@@ -294,7 +321,10 @@ def composed_topk(
                 sims = (si if name.startswith("img") else st)[:, off : off + w]  # type: ignore[index]
             bounds[name] = _depth_value(sims, r >= 0, high=name != "img_lo" and name != "txt_lo")
             off += w
-        sc = np.where((cand == excl[active, None]) | _duplicates(cand), -np.inf, sc)
+        drop = (cand == excl[active, None]) | _duplicates(cand)
+        if allowed is not None:
+            drop |= ~allowed[np.maximum(cand, 0)]
+        sc = np.where(drop, -np.inf, sc)
         # order: score desc, then row asc (brute-force tie rule); -1 rows sort last
         order = np.lexsort((np.where(cand < 0, np.iinfo(np.int64).max, cand), -sc), axis=1)
         top_rows = np.take_along_axis(cand, order[:, :k], axis=1)

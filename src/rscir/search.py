@@ -1,12 +1,25 @@
 """Composed search over a store: encode the query once, score the archive, return top-k hits.
 
-Scoring is exact and vectorized over the archive (in row chunks, so float16 stores are converted
-a slice at a time) and over batches of queries.
+Three strategies give the top-k (all return exact scores):
+
+* ``brute`` — score every item (vectorized, in row chunks so float16 stores are converted a
+  slice at a time, image and text queries in one pass). The default for small archives.
+* ``exact-stream`` — the threshold algorithm (:mod:`rscir.composed_topk`) over exact sorted
+  streams; equals ``brute`` (a reference for the ANN path).
+* ``ann`` — the threshold algorithm over the store's FAISS index (``rscir build-ann``); every
+  candidate is re-scored exactly, only *which* items are seen is approximate.
+
+``auto`` uses ``ann`` when the store has an up-to-date index and more than ``BRUTE_MAX`` items,
+else ``brute``. WeiCom's per-query normalization always comes from the store's moments
+(:mod:`rscir.moments`: O(d²) per query, equal to the full-archive scan), so it is the same
+whatever strategy, filter or subset of rows is scored.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,11 +28,37 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .ann import AnnIndex, is_stale, open_index, read_meta
+from .composed_topk import ExactSource, composed_topk
 from .encoders.base import Encoder, ImageLike, l2_normalize
+from .moments import ArchiveMoments
 from .scoring import NEEDS_IMAGE, NEEDS_TEXT, QueryStats, check_lam, check_method, fuse, topk
 from .store import Store
 
+log = logging.getLogger(__name__)
+
 QueryImage = str | os.PathLike[str] | ImageLike
+STRATEGIES: tuple[str, ...] = ("auto", "brute", "exact-stream", "ann")
+BRUTE_MAX = 50_000  # auto: up to here a full scan takes a few ms, no index needed
+
+
+def check_strategy(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    return strategy
+
+
+@dataclass(frozen=True)
+class StreamParams:
+    """Threshold-algorithm settings for the ``exact-stream`` and ``ann`` strategies.
+
+    ``max_depth`` caps how deep the ANN streams are read (the exact streams are never capped);
+    a filter that passes at most ``subset_max`` items is scored exactly on those items instead,
+    which is both faster and exact."""
+
+    start_depth: int | None = None
+    max_depth: int = 256
+    subset_max: int = 20_000
 
 
 @dataclass(frozen=True)
@@ -76,14 +115,30 @@ class SearchResult:
 
 
 class Searcher:
-    """Answers composed queries on one store with the encoder it was built with."""
+    """Answers composed queries on one store with the encoder it was built with.
 
-    def __init__(self, store: Store, encoder: Encoder | None, *, chunk_rows: int = 1 << 16) -> None:
+    ``strategy`` (see module docstring) is the default of :meth:`search_vectors`, which can
+    override it per call."""
+
+    def __init__(
+        self,
+        store: Store,
+        encoder: Encoder | None,
+        *,
+        chunk_rows: int = 1 << 16,
+        strategy: str = "auto",
+        stream: StreamParams | None = None,
+    ) -> None:
         if encoder is not None:
             store.check_model(encoder.info)
         self.store = store
         self.encoder = encoder
         self.chunk_rows = chunk_rows
+        self.strategy = check_strategy(strategy)
+        self.stream = stream or StreamParams()
+        self._lock = threading.Lock()
+        self._moments: tuple[int, ArchiveMoments] | None = None
+        self._index: tuple[int, AnnIndex] | None = None
 
     # ----------------------------------------------------------------- query encoding
     def _require_encoder(self) -> Encoder:
@@ -129,15 +184,77 @@ class Searcher:
             raise ValueError("empty text modifier")
         return l2_normalize(self._require_encoder().encode_texts(tl).mean(axis=0))
 
+    # ----------------------------------------------------------------- archive state
+    def archive_moments(self) -> ArchiveMoments:
+        """Mean and covariance of the live embeddings (cached per store generation)."""
+        gen = self.store.generation
+        with self._lock:
+            if self._moments is None or self._moments[0] != gen:
+                self._moments = (gen, ArchiveMoments.from_sums(self.store.moments()))
+            return self._moments[1]
+
+    def query_stats(
+        self, img: np.ndarray | None, txt: np.ndarray | None, method: str
+    ) -> tuple[QueryStats | None, QueryStats | None]:
+        """Full-archive WeiCom statistics of the queries (None for the other methods)."""
+        if method != "weicom":
+            return None, None
+        am = self.archive_moments()
+        return (
+            None if img is None else am.query_stats(img),
+            None if txt is None else am.query_stats(txt),
+        )
+
+    def ann_index(self) -> AnnIndex:
+        """The store's ANN index (loaded once per store generation); refuses a stale one."""
+        gen = self.store.generation
+        with self._lock:
+            if self._index is None or self._index[0] != gen:
+                self._index = (gen, open_index(self.store))
+            return self._index[1]
+
+    def resolve_strategy(self, strategy: str | None = None) -> str:
+        """The strategy a call will use: ``auto`` becomes ``ann`` or ``brute``."""
+        strat = check_strategy(strategy or self.strategy)
+        if strat != "auto":
+            return strat
+        if len(self.store) <= BRUTE_MAX:
+            return "brute"
+        meta = read_meta(self.store)
+        if meta is None:
+            return "brute"
+        if is_stale(self.store, meta):
+            log.warning("the ANN index of %s is stale; scanning the archive (run `rscir "
+                        "build-ann %s`)", self.store.path, self.store.path)
+            return "brute"
+        return "ann"
+
     # ----------------------------------------------------------------- scoring
-    def similarities(self, vecs: np.ndarray) -> np.ndarray:
-        """Cosine similarities (Q, N) float32 of query vectors against every live item."""
+    def similarities(self, vecs: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Cosine similarities (Q, N) float32 of query vectors against every live item (or the
+        given sorted ``rows``)."""
         x = self.store.embeddings
         q = np.atleast_2d(np.asarray(vecs, dtype=np.float32))
-        out = np.empty((q.shape[0], x.shape[0]), np.float32)
-        for s in range(0, x.shape[0], self.chunk_rows):
-            out[:, s : s + self.chunk_rows] = q @ np.asarray(x[s : s + self.chunk_rows], np.float32).T
+        n = x.shape[0] if rows is None else len(rows)
+        out = np.empty((q.shape[0], n), np.float32)
+        for s in range(0, n, self.chunk_rows):
+            block = x[s : s + self.chunk_rows] if rows is None else x[rows[s : s + self.chunk_rows]]
+            out[:, s : s + block.shape[0]] = q @ np.asarray(block, np.float32).T
         return out
+
+    def _pair_similarities(
+        self, img: np.ndarray | None, txt: np.ndarray | None, method: str, rows: np.ndarray | None
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Image and text similarities in one pass over the archive (one float16 conversion)."""
+        qi = np.atleast_2d(img) if img is not None and method in NEEDS_IMAGE else None
+        qt = np.atleast_2d(txt) if txt is not None and method in NEEDS_TEXT else None
+        if qi is not None and qt is not None:
+            both = self.similarities(np.concatenate([qi, qt]).astype(np.float32), rows)
+            return both[: qi.shape[0]], both[qi.shape[0] :]
+        return (
+            None if qi is None else self.similarities(qi, rows),
+            None if qt is None else self.similarities(qt, rows),
+        )
 
     def scores(
         self,
@@ -145,16 +262,44 @@ class Searcher:
         txt: np.ndarray | None,
         method: str = "weicom",
         lam: float = 0.5,
+        rows: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Fused scores (Q, N) for every live item."""
+        """Fused scores (Q, N) for every live item (or (Q, len(rows)) for sorted ``rows``).
+
+        WeiCom is normalized over the whole archive in every case (from the store moments)."""
         check_method(method)
-        si = self.similarities(img) if img is not None and method in NEEDS_IMAGE else None
-        st = self.similarities(txt) if txt is not None and method in NEEDS_TEXT else None
-        if method == "weicom":
-            return fuse(method, si, st, lam,
-                        img_stats=QueryStats.of(si) if si is not None else None,
-                        txt_stats=QueryStats.of(st) if st is not None else None)
-        return fuse(method, si, st, lam)
+        si, st = self._pair_similarities(img, txt, method, rows)
+        i_st, t_st = self.query_stats(
+            None if si is None else img, None if st is None else txt, method
+        )
+        return fuse(method, si, st, lam, img_stats=i_st, txt_stats=t_st)
+
+    def _brute(
+        self,
+        img: np.ndarray | None,
+        txt: np.ndarray | None,
+        method: str,
+        lam: float,
+        k: int,
+        exclude_rows: Sequence[int | None] | None,
+        rows: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over all items or the sorted ``rows`` subset; -inf marks excluded rows."""
+        s = np.array(self.scores(img, txt, method, lam, rows), dtype=np.float64, copy=True)
+        if exclude_rows is not None:
+            for qi, r in enumerate(exclude_rows):
+                if r is None or r < 0:
+                    continue
+                if rows is None:
+                    s[qi, r] = -np.inf
+                else:
+                    pos = np.searchsorted(rows, r)
+                    if pos < len(rows) and rows[pos] == r:
+                        s[qi, pos] = -np.inf
+        idx, vals = topk(s, k)
+        if rows is not None:
+            idx = rows[idx]
+        return np.where(np.isfinite(vals), idx, -1), vals
 
     def search_vectors(
         self,
@@ -165,30 +310,84 @@ class Searcher:
         k: int = 20,
         exclude_rows: Sequence[int | None] | None = None,
         where: ItemFilter | None = None,
+        *,
+        strategy: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (rows (Q,k), scores (Q,k)) for batches of query vectors (either may be None).
 
         Rows in ``exclude_rows`` (one per query) and rows failing ``where`` are never returned;
-        fewer than k rows come back only when fewer than k rows qualify."""
+        fewer than k rows come back only when fewer than k rows qualify. Scores are exact
+        whatever the strategy."""
         check_method(method)
         check_lam(lam)
+        if int(k) < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if method in NEEDS_IMAGE and img is None:
+            raise ValueError(f"method {method!r} needs a query image")
+        if method in NEEDS_TEXT and txt is None:
+            raise ValueError(f"method {method!r} needs a query text")
+        nq = np.atleast_2d(img if img is not None else txt).shape[0]
         if len(self.store) == 0:
-            q = np.atleast_2d(img if img is not None else txt).shape[0]
-            return np.zeros((q, 0), np.int64), np.zeros((q, 0), np.float32)
-        s = np.array(self.scores(img, txt, method, lam), dtype=np.float64, copy=True)
-        if exclude_rows is not None:
-            for qi, r in enumerate(exclude_rows):
-                if r is not None and r >= 0:
-                    s[qi, r] = -np.inf
-        if where is not None and not where.is_empty():
-            s[:, ~where.mask(self.store.items)] = -np.inf
-        rows, vals = topk(s, k)
-        if exclude_rows is not None or where is not None:  # never return an excluded row
-            keep = np.isfinite(vals)
-            if not keep.all():
-                kk = int(keep.sum(axis=1).min())
-                rows, vals = rows[:, :kk], vals[:, :kk]
+            return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float64)
+        strat = self.resolve_strategy(strategy)
+        mask = None if where is None or where.is_empty() else where.mask(self.store.items)
+        subset = None if mask is None else np.flatnonzero(mask)
+        if strat == "brute" or (subset is not None and len(subset) <= self.stream.subset_max):
+            rows, vals = self._brute(img, txt, method, lam, k, exclude_rows, subset)
+        else:
+            rows, vals = self._streams(img, txt, method, lam, k, exclude_rows, mask, strat)
+            # the capped ANN streams may hold fewer than k qualifying items: score those exactly
+            n_ok = len(self.store) if subset is None else len(subset)
+            want = np.full(nq, min(k, n_ok))
+            if exclude_rows is not None:
+                for qi, r in enumerate(exclude_rows):
+                    if r is not None and r >= 0 and (mask is None or mask[r]):
+                        want[qi] = min(k, n_ok - 1)
+            short = np.flatnonzero((rows >= 0).sum(axis=1) < want)
+            if short.size:
+                sel = (
+                    None if exclude_rows is None else [exclude_rows[i] for i in short.tolist()]
+                )
+                rows[short], vals[short] = self._brute(
+                    None if img is None else np.atleast_2d(img)[short],
+                    None if txt is None else np.atleast_2d(txt)[short],
+                    method, lam, k, sel, subset,
+                )
+        keep = rows >= 0
+        if not keep.all():  # never return an excluded or filtered row
+            kk = int(keep.sum(axis=1).min())
+            rows, vals = rows[:, :kk], vals[:, :kk]
         return rows, vals
+
+    def _streams(
+        self,
+        img: np.ndarray | None,
+        txt: np.ndarray | None,
+        method: str,
+        lam: float,
+        k: int,
+        exclude_rows: Sequence[int | None] | None,
+        mask: np.ndarray | None,
+        strat: str,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by the threshold algorithm over exact or ANN streams (-1 / -inf padded)."""
+        qi = None if img is None else np.atleast_2d(np.asarray(img, np.float32))
+        qt = None if txt is None else np.atleast_2d(np.asarray(txt, np.float32))
+        i_st, t_st = self.query_stats(qi, qt, method)
+        x = self.store.embeddings
+        start = self.stream.start_depth
+        if strat == "ann":
+            source: Any = self.ann_index()
+            max_depth: int | None = self.stream.max_depth
+            if start is None and source.kind != "hnsw":
+                start = max_depth  # a list or full scan costs the same at any depth: read once
+        else:
+            source, max_depth = ExactSource(x, self.chunk_rows), None
+        res = composed_topk(
+            x, qi, qt, method, lam, k, source=source, img_stats=i_st, txt_stats=t_st,
+            exclude_rows=exclude_rows, allowed=mask, start_depth=start, max_depth=max_depth,
+        )
+        return res.rows.copy(), res.scores.copy()
 
     def search(
         self,

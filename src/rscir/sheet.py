@@ -14,10 +14,16 @@ from .store import Store
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """A TrueType font with Greek glyphs (λ): matplotlib's bundled DejaVu Sans, else PIL's default."""
     try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
+        from matplotlib import font_manager
+
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+    except Exception:  # noqa: BLE001 - any font problem falls back to PIL's own font
+        try:
+            return ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1
+            return ImageFont.load_default()
 
 
 def _thumb(path: Path, size: int) -> Image.Image:

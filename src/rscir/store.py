@@ -55,9 +55,17 @@ class Moments:
     sumsq: np.ndarray
 
     @classmethod
-    def of(cls, x: np.ndarray) -> Moments:
-        x64 = np.asarray(x, dtype=np.float64)
-        return cls(int(x64.shape[0]), x64.sum(axis=0), x64.T @ x64)
+    def of(cls, x: np.ndarray, chunk: int = 1 << 15) -> Moments:
+        """Sums of ``x`` (N, d), converted to float64 a chunk of rows at a time (a million-row
+        float16 segment would otherwise need an 8× float64 copy)."""
+        x = np.asarray(x)
+        d = x.shape[1]
+        s, ss = np.zeros(d), np.zeros((d, d))
+        for i in range(0, x.shape[0], chunk):
+            c = np.asarray(x[i : i + chunk], dtype=np.float64)
+            s += c.sum(axis=0)
+            ss += c.T @ c
+        return cls(int(x.shape[0]), s, ss)
 
     @classmethod
     def zeros(cls, dim: int) -> Moments:

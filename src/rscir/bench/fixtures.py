@@ -11,8 +11,9 @@ and the text features (``texts`` + ``features`` npz). Features are built so the 
 in a meaningful way: an image is its class direction plus the directions of its attribute values
 plus noise; a text is its value's direction plus a little noise; both modalities carry their own
 offset (``modality_gap``), so raw cross-modal similarities are small and compressed as with CLIP
-models, which is what WeiCom's normalization is for. The defaults give PatternCom-like numbers
-(image ≈ 15, text ≈ 6, average and WeiCom ≈ 30–40 mAP).
+models, which is what WeiCom's normalization is for. At the default size (38 × 800 images,
+768 dims, ~21k CSV rows, ~47k pairs) the methods differ clearly: image ≈ 14, text ≈ 16,
+average ≈ 59 and WeiCom (λ = 0.5) ≈ 65 mAP.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def make_patterncom(
     gap_img, gap_txt = unit(2)
     noise_mat = rng.standard_normal(feats.shape).astype(np.float32) / np.sqrt(dim)
     feats = feats + value_weight * value_part + noise * noise_mat + modality_gap * gap_img
-    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    feats = (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)
     text_feats = {}
     for v in all_values:
         t = value_dirs[v] + 0.3 * rng.standard_normal(dim).astype(np.float32) / np.sqrt(dim)

@@ -10,17 +10,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add this module's subcommands to the rscir parser."""
     p = sub.add_parser(
         "build-ann",
-        help="build an ANN index (flat, HNSW or IVF-PQ) for fast top-k on a store",
-        description="Build the store's FAISS index. 'auto' picks flat below 100k items, HNSW "
-        "below 2M, IVF-PQ (with exact re-ranking) above. The index records the store "
-        "generation; after the store changes, search refuses it until it is rebuilt.",
+        help="build an ANN index (flat, IVF, HNSW or IVF-PQ) for fast top-k on a store",
+        description="Build the store's FAISS index. 'auto' picks flat up to 100k items, IVF "
+        "(float16 lists, scanned exactly) up to 5M, IVF-PQ (with exact re-ranking) above; HNSW "
+        "only on request (fast for image queries, unreliable for text/composed ones). The index "
+        "records the store generation; after the store changes, search refuses it until it is "
+        "rebuilt.",
     )
     p.add_argument("store", help="store directory")
-    p.add_argument("--kind", choices=["auto", "flat", "hnsw", "ivfpq"], default="auto")
+    p.add_argument("--kind", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"], default="auto")
     p.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree")
     p.add_argument("--ef-construction", type=int, default=80)
     p.add_argument("--ef-search", type=int, default=64, help="HNSW default search breadth")
-    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4·sqrt(n))")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~2·sqrt(n))")
     p.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantizers (default d/8)")
     p.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per search")
     p.add_argument("--rerank-factor", type=int, default=4,

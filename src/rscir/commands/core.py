@@ -32,7 +32,8 @@ def parse_lams(spec: str) -> list[float]:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("index", help="index (or resume indexing) a folder of images into a store")
     p.add_argument("folder", help="archive folder (searched recursively)")
-    p.add_argument("--store", required=True, help="store directory (created if absent)")
+    p.add_argument("--store", required=True,
+                   help="store directory or postgresql://... URI (created if absent)")
     add_model_args(p)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--batch-size", type=int, default=64)
@@ -44,10 +45,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--max-pixels", type=int, default=100_000_000)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run as a Ray Data pipeline (docs/ray.md): alone = RAY_ADDRESS or a "
+                        "cluster started on this machine, else a local one; or local, auto, "
+                        "HOST:PORT, ray://HOST:10001")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="composed search: query image + text modifier")
-    p.add_argument("store", help="store directory")
+    p.add_argument("store", help="store directory or postgresql://... URI")
     p.add_argument("--image", help="query image file")
     p.add_argument("--item-id", type=int, help="an archive item id as the query image")
     p.add_argument("--text", action="append", default=[], help="text modifier (repeat to average)")
@@ -57,13 +62,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--lams", help="several λ, e.g. 0,0.25,0.5,0.75,1 or 0:1:0.25")
     p.add_argument("-k", type=int, default=20)
     p.add_argument("--include-query", action="store_true", help="keep the query item in results")
+    p.add_argument("--strategy", default="auto", choices=["auto", "brute", "exact-stream", "ann"],
+                   help="top-k by full scan, threshold algorithm on exact streams, or on the ANN "
+                   "index of `rscir build-ann` (auto: ann when built and the archive is large)")
     p.add_argument("--json", action="store_true", help="machine-readable results")
     p.add_argument("--sheet", help="write a contact sheet PNG here")
     add_model_args(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("info", help="describe a store")
-    p.add_argument("store")
+    p.add_argument("store", help="store directory or postgresql://... URI")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
@@ -76,12 +84,18 @@ def cmd_index(a: argparse.Namespace) -> int:
 
     if a.batch_size < 1 or a.segment_size < 1:
         raise ValueError("--batch-size and --segment-size must be >= 1")
-    rep = index(
-        a.folder, a.store, model=a.model, arch=a.arch, checkpoint=a.checkpoint, device=a.device,
-        labels="csv" if a.labels_csv and a.labels == "none" else a.labels,
-        labels_csv=a.labels_csv, dtype=a.dtype, batch_size=a.batch_size, num_workers=a.workers,
-        segment_size=a.segment_size, max_pixels=a.max_pixels, progress=not a.no_progress,
-    )
+    if a.ray is not None:
+        from ..distributed.ray_ingest import index_from_args
+
+        rep = index_from_args(a)
+    else:
+        rep = index(
+            a.folder, a.store, model=a.model, arch=a.arch, checkpoint=a.checkpoint,
+            device=a.device, labels="csv" if a.labels_csv and a.labels == "none" else a.labels,
+            labels_csv=a.labels_csv, dtype=a.dtype, batch_size=a.batch_size,
+            num_workers=a.workers, segment_size=a.segment_size, max_pixels=a.max_pixels,
+            progress=not a.no_progress,
+        )
     if a.json:
         print(json.dumps(rep.to_dict(), indent=1))
     else:
@@ -94,6 +108,7 @@ def cmd_search(a: argparse.Namespace) -> int:
 
     from ..api import load_encoder_for_store
     from ..ingest import load_image
+    from ..pgstore import PG_MODES, PgSearcher, PgStore, is_pg_uri
     from ..search import Searcher
     from ..sheet import contact_sheet
     from ..store import Store
@@ -101,10 +116,16 @@ def cmd_search(a: argparse.Namespace) -> int:
     if a.k < 1:
         raise ValueError("-k must be >= 1")
     lams = parse_lams(a.lams) if a.lams else [a.lam]
-    store = Store.open(a.store)
-    enc = load_encoder_for_store(store, model=a.model, arch=a.arch, checkpoint=a.checkpoint,
-                                 device=a.device)
-    s = Searcher(store, enc)
+    pg = is_pg_uri(a.store)
+    store: Any = PgStore.open(a.store) if pg else Store.open(a.store)
+    try:
+        enc = load_encoder_for_store(store, model=a.model, arch=a.arch, checkpoint=a.checkpoint,
+                                     device=a.device)
+    except Exception:
+        store.close()
+        raise
+    s: Any = (PgSearcher(store, enc, mode=PG_MODES[a.strategy]) if pg
+              else Searcher(store, enc, strategy=a.strategy))
     query_img: Image.Image | None = None
     if a.image:
         if not Path(a.image).is_file():
@@ -138,9 +159,11 @@ def cmd_search(a: argparse.Namespace) -> int:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
+    from ..pgstore import PgStore, is_pg_uri
     from ..store import Store
 
-    info = Store.open(a.store).info()
+    with PgStore.open(a.store) if is_pg_uri(a.store) else Store.open(a.store) as store:
+        info = store.info()
     if a.json:
         print(json.dumps(info, indent=1))
         return 0

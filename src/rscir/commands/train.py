@@ -63,7 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="with --tower open_clip: train the model's own text tower too, instead "
                         "of aligning to the frozen MiniLM; also writes OUT_DIR/open_clip_model.pt")
     o = p.add_argument_group("optimization")
-    o.add_argument("--epochs", type=int, default=20)
+    o.add_argument("--epochs", type=int, default=20,
+                   help="0: no training, export and score the seeded initial tower (a floor)")
     o.add_argument("--batch-size", type=int, default=256)
     o.add_argument("--lr", type=float, default=2e-3)
     o.add_argument("--weight-decay", type=float, default=0.05)
@@ -108,21 +109,12 @@ def _sources(args: argparse.Namespace) -> Any:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    import shutil
-    from pathlib import Path
-
-    import torch
-
+def configs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(TowerConfig, TrainConfig) of parsed ``rscir train`` arguments (what the exported
+    weights record, so a recipe can be checked against them)."""
     from ..train.loop import TrainConfig
-    from ..train.recipe import train_tower
     from ..train.towers import TowerConfig
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.evaluate:
-        return _evaluate(args)
-    sources = _sources(args)
     tower = TowerConfig(
         kind=args.tower, embed_dim=384, image_size=args.image_size, pad=args.pad,
         width=args.width, hidden=args.hidden, dropout=args.dropout, arch=args.arch,
@@ -134,6 +126,23 @@ def run(args: argparse.Namespace) -> int:
         init_temperature=args.temperature, learn_temperature=not args.fixed_temperature,
         augment=not args.no_augment, save_every=args.save_every, device=args.device,
     )
+    return tower, config
+
+
+def run(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from ..train.recipe import train_tower
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.evaluate:
+        return _evaluate(args)
+    sources = _sources(args)
+    tower, config = configs(args)
     result = train_tower(
         sources, tower, config, args.out, cache_dir=args.cache_dir,
         resume=not args.no_resume, workers=args.workers, progress=not args.no_progress,

@@ -52,6 +52,7 @@ from ..ingest import (
     read_label_csv,
     scan_folder,
 )
+from ..pgstore import is_pg_uri
 from ..store import Store
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ class _EmbedActor:
         self.dim = self.encoder.dim
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.asarray([e == "" for e in batch["error"]], dtype=bool)
+        ok = np.asarray(batch["error"]).astype(str) == ""
         emb = np.zeros((len(ok), self.dim), np.float32)
         if ok.any():
             px = np.ascontiguousarray(batch["pixels"][ok])
@@ -275,10 +276,25 @@ def plan_placement(
     return Placement(n, "cpu", 0.0, cpus_per_encoder)
 
 
-def _block_rows(n: int, batch_size: int, cpus: int) -> int:
-    """Paths per input block: small enough that every CPU decodes from the start (a few blocks
-    per core), big enough to keep per-task overhead low on millions of files."""
-    return int(min(4096, max(batch_size, math.ceil(n / max(4 * cpus, 1)))))
+BLOCK_BYTES = 32 * 1024**2  # decoded pixels per Ray block: small next to any object store
+DECODE_WORKER_BYTES = 640 * 1024**2  # a Ray worker with torch + torchvision imported (measured)
+
+
+def _block_rows(n: int, cpus: int, item_bytes: int) -> int:
+    """Paths per input block: a few blocks per core so every CPU decodes from the start, and
+    no more decoded pixels per block than :data:`BLOCK_BYTES` (the blocks travel through the
+    object store between decoders and encoders)."""
+    by_bytes = max(1, BLOCK_BYTES // max(item_bytes, 1))
+    return int(max(1, min(by_bytes, math.ceil(n / max(4 * cpus, 1)))))
+
+
+def _dataset_of_blocks(blocks: list[Any]) -> Any:
+    """A Ray dataset of these input blocks, as they are. ``from_blocks`` reads their metadata
+    in the driver; ``from_arrow`` (older Ray) runs one small remote task per block for it."""
+    import ray.data
+
+    make = getattr(ray.data, "from_blocks", None)
+    return make(blocks) if make is not None else ray.data.from_arrow(blocks)
 
 
 # --------------------------------------------------------------------------- driver
@@ -290,8 +306,8 @@ def open_sink(
 ) -> tuple[ItemSink, bool]:
     """(store-like, opened here?) for a store directory or an already open store-like."""
     if isinstance(store, str | os.PathLike):
-        if str(store).startswith(("postgresql://", "postgres://")):
-            from ..pgstore import PgStore  # type: ignore[import-not-found]
+        if is_pg_uri(store):
+            from ..pgstore import PgStore
 
             return PgStore.open_or_create(str(store), info, root, dtype=dtype), True
         return Store.open_or_create(store, info, root, dtype=dtype), True
@@ -302,6 +318,14 @@ def open_sink(
 
 
 def _existing_model(store: str | os.PathLike[str] | ItemSink) -> ModelInfo | None:
+    """The model of an existing store (directory, postgresql:// URI or open store), else None."""
+    if isinstance(store, str) and is_pg_uri(store):
+        from ..pgstore import PgStore
+
+        if not PgStore.exists(store):
+            return None
+        with PgStore.open(store) as st:
+            return st.manifest.model
     if isinstance(store, str | os.PathLike):
         if (Path(store) / "manifest.json").is_file():
             return Store.open(store).manifest.model
@@ -387,8 +411,8 @@ def index_folder_ray(
             report.total_items = len(sink)
         finally:
             report.seconds = time.perf_counter() - t0
-            if isinstance(sink, Store):
-                _write_report(sink, report)
+            if getattr(sink, "path", None) is not None:  # Store, PgStore: a local reports/
+                _write_report(sink, report)  # type: ignore[arg-type]
             if owned and callable(getattr(sink, "close", None)):
                 sink.close()  # type: ignore[attr-defined]
     return report
@@ -421,9 +445,18 @@ def _run_pipeline(
                            cpus_per_encoder=cpus_per_encoder)
     log.info("ray ingest: %d files, %d encoder(s) on %s", len(todo), place.encoders, place.device)
     n = len(todo)
-    rows = _block_rows(n, batch_size, int(resources.get("CPU", 1)))
-    frame = pd.DataFrame({"idx": np.arange(n, dtype=np.int64), "path": [e.path for e in todo]})
-    blocks = [frame.iloc[s : s + rows] for s in range(0, n, rows)]
+    item_bytes = int(np.prod(probe.shape)) * np.dtype(probe.dtype).itemsize
+    rows = _block_rows(n, int(resources.get("CPU", 1)), item_bytes)
+    import pyarrow as pa
+
+    table = pa.table({"idx": np.arange(n, dtype=np.int64), "path": [e.path for e in todo]})
+    blocks = [table.slice(s, rows) for s in range(0, n, rows)]
+    # A decode worker holds torch (for the model's preprocessing), its block's pixels and one
+    # decoded full-size RGB image. Saying so is a scheduling hint, and it also keeps decoding a
+    # separate operator: Ray Data fuses a task stage into the next actor stage when their
+    # resources are equal, which on CPU-only clusters would serialize decoding in front of
+    # the encoder.
+    decode_memory = DECODE_WORKER_BYTES + 2 * rows * item_bytes + 3 * max_pixels
 
     seen = np.zeros(n, dtype=bool)  # a retried task may deliver a row twice: keep the first
     buf_emb: list[np.ndarray] = []
@@ -439,12 +472,9 @@ def _run_pipeline(
     bar = tqdm(total=n, desc="indexing (ray)", unit="img", disable=not progress)
     with _data_context(preserve_order, progress=False):
         ds = (
-            ray.data.from_pandas(blocks)
-            # max_retries=-1 is Ray Data's default for tasks; saying it keeps the remote args
-            # apart from the actors', so Ray does not fuse decoding into the encoder actors
-            # (decoding must scale on its own CPU workers, not serialize in front of a GPU).
+            _dataset_of_blocks(blocks)
             .map_batches(
-                _decode_batch, batch_size=None, num_cpus=1, max_retries=-1,
+                _decode_batch, batch_size=None, num_cpus=1, memory=decode_memory,
                 batch_format="numpy",
                 fn_kwargs={"root": str(root), "preprocess": probe.preprocess,
                            "max_pixels": max_pixels, "shape": probe.shape, "dtype": probe.dtype},
@@ -466,16 +496,19 @@ def _run_pipeline(
                 fresh = ~seen[idx]
                 fresh &= ~pd.Series(idx).duplicated().to_numpy()
                 seen[idx[fresh]] = True
-                err = batch["error"]
-                for j in np.flatnonzero(fresh):
-                    e = todo[int(idx[j])]
-                    if err[j] != "":
-                        report.bad.append(BadFile(e.path, str(err[j])))
-                        continue
-                    meta = ImageMeta(int(batch["width"][j]), int(batch["height"][j]),
-                                     float(batch["lon"][j]), float(batch["lat"][j]))
-                    buf_items.append(_item_record(e, meta, labels, label_map))
-                good = fresh & np.asarray([x == "" for x in err], dtype=bool)
+                err = np.asarray(batch["error"]).astype(str)
+                ok = err == ""
+                for j in np.flatnonzero(fresh & ~ok):
+                    report.bad.append(BadFile(todo[int(idx[j])].path, str(err[j])))
+                good = fresh & ok
+                w, h = batch["width"][good], batch["height"][good]
+                lon, lat = batch["lon"][good], batch["lat"][good]
+                # one record per new item, as the local path builds them (not per pixel)
+                buf_items.extend(
+                    _item_record(todo[int(i)], ImageMeta(int(a), int(b), float(c), float(d)),
+                                 labels, label_map)
+                    for i, a, b, c, d in zip(idx[good], w, h, lon, lat, strict=True)
+                )
                 if good.any():
                     buf_emb.append(np.asarray(batch["emb"][good], np.float32))
                 bar.update(int(fresh.sum()))
@@ -488,6 +521,7 @@ def _run_pipeline(
             raise
         finally:
             bar.close()
+            report.bad.sort(key=lambda b: b.path)  # arrival order is arbitrary; report it stably
         flush()
 
 

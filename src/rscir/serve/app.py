@@ -11,23 +11,24 @@ import hashlib
 import io
 import logging
 import math
+import pathlib
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..scoring import METHODS
+from ..scoring import METHODS, NEEDS_IMAGE, NEEDS_TEXT
 from ..search import ItemFilter
 from .backend import LRU, Backend, open_backend
 from .middleware import AccessLog, BodyLimit, BodyTooLarge
@@ -35,6 +36,13 @@ from .uploads import UploadError, decode_upload
 
 log = logging.getLogger("rscir.serve")
 
+# Swagger UI (/docs) loads its script and styles from a CDN and runs an inline script; every
+# other route keeps the strict policy of middleware.SECURITY_HEADERS.
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+            "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+            "img-src 'self' data: https://fastapi.tiangolo.com; connect-src 'self'; "
+            "frame-ancestors 'none'")
+MAX_ID = 2**63 - 1  # item ids are int64
 Method = Literal["weicom", "image", "text", "average", "sum", "product"]
 
 
@@ -56,6 +64,9 @@ class ServeConfig:
 
 
 # ----------------------------------------------------------------------------- request models
+ItemId = Annotated[int, Path(ge=0, le=MAX_ID, description="archive item id")]
+
+
 class FilterSpec(BaseModel):
     """Metadata restrictions: any of these labels, and/or a lon/lat box."""
 
@@ -93,7 +104,7 @@ class SearchRequest(BaseModel):
     the file while λ, text or method change)."""
 
     model_config = ConfigDict(extra="forbid")
-    item_id: int | None = Field(None, ge=0)
+    item_id: int | None = Field(None, ge=0, le=MAX_ID)
     image_token: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     texts: list[str] = Field(default_factory=list, description="text modifiers (averaged)")
     method: Method = "weicom"
@@ -163,8 +174,22 @@ def _item_out(r: Any) -> dict[str, Any]:
     }
 
 
-def _web_dir() -> Path:
-    return Path(str(resources.files("rscir") / "web"))
+def _records(items: Any) -> dict[int, dict[str, Any]]:
+    """Hit metadata by item id, from whole columns (no per-row pandas calls on the hot path)."""
+    cols = {c: items[c].tolist() for c in ("id", "path", "label", "labels", "lon", "lat", "width",
+                                             "height")}
+    out = {}
+    for iid, path, label, labels, lon, lat, w, h in zip(*cols.values(), strict=True):
+        out[int(iid)] = {"id": int(iid), "path": str(path),
+                         "label": None if label is None else str(label),
+                         "labels": [str(x) for x in labels], "lon": _num(lon), "lat": _num(lat),
+                         "width": int(w), "height": int(h), "thumbnail": f"/items/{int(iid)}/thumbnail"}
+    return out
+
+
+def _web_dir() -> pathlib.Path:
+    """The static page (package data ``rscir/serve/web``)."""
+    return pathlib.Path(str(resources.files(__package__) / "web"))
 
 
 class _Api:
@@ -181,8 +206,11 @@ class _Api:
     async def run(self, fn: Any, *args: Any) -> Any:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
-    def check(self, req: SearchRequest) -> None:
+    def check(self, req: SearchRequest) -> SearchRequest:
+        """The request within this server's limits (an unset k is capped, not refused)."""
         c = self.cfg
+        if "k" not in req.model_fields_set and req.k > c.max_k:
+            req = req.model_copy(update={"k": c.max_k})
         if req.k > c.max_k:
             raise HTTPException(422, f"k must be <= {c.max_k}")
         if req.lams is not None and len(req.lams) > c.max_lams:
@@ -191,6 +219,7 @@ class _Api:
             raise HTTPException(422, f"at most {c.max_texts} texts of {c.max_text_chars} characters")
         if req.item_id is not None and req.image_token is not None:
             raise HTTPException(422, "give item_id or image_token, not both")
+        return req
 
     def text_vec(self, texts: list[str]) -> np.ndarray | None:
         tl = tuple(t.strip() for t in texts if t.strip())
@@ -225,22 +254,22 @@ class _Api:
                 img = self.backend.item_vector(req.item_id)
             except KeyError:
                 raise HTTPException(404, f"no item with id {req.item_id}") from None
-        txt = self.text_vec(req.texts)
+        if req.method in NEEDS_IMAGE and img is None:
+            raise HTTPException(422, f"method {req.method!r} needs a query image: upload one, "
+                                "or give item_id or image_token")
+        txt = self.text_vec(req.texts) if req.method in NEEDS_TEXT else None
+        if req.method in NEEDS_TEXT and txt is None:
+            raise HTTPException(422, f"method {req.method!r} needs a non-empty text modifier")
         lams = req.lams if req.lams is not None else [req.lam]
         where = req.filter.to_filter() if req.filter else None
         exclude = req.item_id if req.exclude_query else None
         res = self.backend.search(img, txt, req.method, lams, req.k, exclude, where)
         all_ids = np.unique(np.concatenate([ids for ids, _ in res])) if res else np.zeros(0)
-        meta = self.backend.items(all_ids.tolist()).set_index("id", drop=False)
+        meta = _records(self.backend.items(all_ids.tolist()))
         results = []
         for lam, (ids, scores) in zip(lams, res, strict=True):
-            rows = meta.loc[ids] if len(ids) else meta.iloc[:0]
-            hits = []
-            for rank, (r, s) in enumerate(zip(rows.itertuples(index=False), scores.tolist(),
-                                              strict=True), start=1):
-                d = _item_out(r)
-                d.pop("size")
-                hits.append({"rank": rank, "score": float(s), **d})
+            hits = [{"rank": rank, "score": s, **meta[i]} for rank, (i, s) in
+                    enumerate(zip(ids.tolist(), scores.tolist(), strict=True), start=1)]
             results.append({"lam": float(lam), "hits": hits})
         return {
             "query": {"item_id": req.item_id, "image_token": token, "texts": req.texts,
@@ -260,7 +289,7 @@ class _Api:
     def thumbnail(self, item_id: int, size: int) -> bytes:
         from PIL import Image
 
-        from ..ingest import ImageDecodeError, load_image
+        from ..ingest import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 
         key = (item_id, size)
         hit = self.thumbs.get(key)
@@ -278,7 +307,8 @@ class _Api:
         if not path.is_file():
             raise HTTPException(404, "the item's file is missing from the archive")
         try:
-            img, _ = load_image(path, self.cfg.max_pixels)
+            # archive files were accepted at ingestion: the ingestion cap, not the upload cap
+            img, _ = load_image(path, DEFAULT_MAX_PIXELS)
         except ImageDecodeError as e:
             raise HTTPException(422, f"the item's file cannot be decoded: {e}") from None
         img.thumbnail((size, size), Image.Resampling.LANCZOS)
@@ -309,7 +339,7 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
         summary="Composed image retrieval (query image + text modifier) for remote sensing",
         version=_version(),
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # served below, with a CSP that lets Swagger UI load its CDN assets
         redoc_url=None,
     )
     app.state.api = api
@@ -343,6 +373,12 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
 
     app.mount("/static", StaticFiles(directory=_web_dir()), name="static")
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        page = get_swagger_ui_html(openapi_url="/openapi.json", title="rscir API")
+        page.headers["content-security-policy"] = DOCS_CSP
+        return page
+
     @app.get("/healthz", summary="liveness")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
@@ -367,12 +403,12 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
                 "items": [_item_out(r) for r in df.itertuples(index=False)]}
 
     @app.get("/items/{item_id}", response_model=ItemOut, summary="an item's metadata")
-    async def item(item_id: int) -> dict[str, Any]:
+    async def item(item_id: ItemId) -> dict[str, Any]:
         return await api.run(api.item, item_id)
 
     @app.get("/items/{item_id}/thumbnail", summary="an item's image as a JPEG thumbnail",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
-    async def thumbnail(item_id: int, size: int = Query(256, ge=16, le=512)) -> Response:
+    async def thumbnail(item_id: ItemId, size: int = Query(256, ge=16, le=512)) -> Response:
         data = await api.run(api.thumbnail, item_id, min(size, cfg.thumb_max))
         return Response(data, media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=3600"})
@@ -394,7 +430,7 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
                                          "description": "SearchRequest as JSON"}}}},
         }}},
     )
-    async def search(request: Request) -> dict[str, Any]:
+    async def search(request: Request) -> JSONResponse:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         upload: bytes | None = None
         if ctype == "application/json":
@@ -408,9 +444,9 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
             req = SearchRequest.model_validate_json(qtext or "{}")
         except ValidationError as e:
             raise HTTPException(422, _clean_errors(e.errors())) from None
-        api.check(req)
+        req = api.check(req)
         try:
-            return await api.run(api.search, req, upload)
+            return JSONResponse(await api.run(api.search, req, upload))
         except ValueError as e:  # e.g. a method that needs text got none
             raise HTTPException(422, str(e)) from None
         except KeyError as e:

@@ -57,8 +57,9 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 2:
-            raise ValueError("need at least 1 epoch and a batch size of at least 2")
+        # 0 epochs: export the seeded, untrained tower (the random floor of the model card)
+        if self.epochs < 0 or self.batch_size < 2:
+            raise ValueError("need at least 0 epochs and a batch size of at least 2")
         if self.lr <= 0 or not 0 < self.init_temperature < 1:
             raise ValueError("lr must be > 0 and the initial temperature in (0, 1)")
 

@@ -1,0 +1,243 @@
+"""Load test of ``rscir serve`` on loopback: concurrent clients, zero errors, latency percentiles,
+against the in-process :class:`rscir.search.Searcher` on the same queries in the same run.
+
+A store of ``--items`` synthetic embeddings (the tiny model's dimension, written with
+``Store.add``) whose items are symlinks to a few generated images (so thumbnails work) is served
+by a real ``rscir serve`` subprocess on 127.0.0.1. ``--clients`` concurrent HTTP clients send
+``--requests`` composed searches (an item id as the query image, a text modifier, a random λ,
+WeiCom, top ``--k``). The baseline runs the same queries in this process, one at a time, through
+``Searcher.search_vectors`` with the text embeddings precomputed (the server caches them too),
+so the ratios are the cost of HTTP, JSON, metadata and concurrency on top of exact scoring:
+
+* latency with one client (``--serial`` requests, no queueing) against in-process latency;
+* server CPU time per search (from the OS, so other load on a shared machine does not count)
+  against in-process CPU time per search;
+* throughput with ``--clients`` concurrent clients (queueing makes their latency about
+  clients / throughput, so only their p50/p95 are printed, not compared).
+
+Every served result is also checked to equal the in-process one.
+
+    python benchmarks/serve_load.py                       # 50k items, 32 clients, 2,000 searches
+    python benchmarks/serve_load.py --items 200000 --requests 5000 --workers 4
+
+Exits non-zero if any request failed or any result differed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TEXTS = ["a harbor with many boats", "with a swimming pool", "dense residential area",
+         "a river crossing the forest", "snow on the mountains", "an airport runway",
+         "with a baseball field", "farmland with circular fields", "a beach with white sand",
+         "a parking lot full of cars", "storage tanks", "a highway interchange"]
+
+
+def build_store(base: Path, n: int, n_images: int, seed: int) -> Path:
+    """A one-segment store of ``n`` clustered unit vectors; item i is a symlink to image i % m."""
+    from PIL import Image
+
+    from rscir.encoders import load_encoder
+    from rscir.store import Store
+
+    info = load_encoder("rscir-tiny", device="cpu").info
+    rng = np.random.default_rng(seed)
+    root = base / "archive"
+    (root / "img").mkdir(parents=True)
+    (root / "tiles").mkdir()
+    for j in range(n_images):
+        arr = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / "img" / f"real{j:02d}.png")
+    classes = [f"class{c:02d}" for c in range(10)]
+    centers = rng.standard_normal((len(classes), info.dim))
+    cls = rng.integers(0, len(classes), n)
+    emb = centers[cls] + 0.9 * rng.standard_normal((n, info.dim))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    paths = []
+    for i in range(n):
+        p = root / "tiles" / f"t{i:06d}.png"
+        os.symlink(f"../img/real{i % n_images:02d}.png", p)
+        paths.append(p.relative_to(root).as_posix())
+    items = {"path": paths, "label": [classes[c] for c in cls],
+             "labels": [[classes[c]] for c in cls],
+             "lon": rng.uniform(-10, 10, n), "lat": rng.uniform(35, 55, n),
+             "width": np.full(n, 64), "height": np.full(n, 64), "size": np.full(n, 1)}
+    import pandas as pd
+
+    st = Store.create(base / "store", info, root)
+    st.add(emb.astype(np.float32), pd.DataFrame(items))
+    st.close()
+    return base / "store"
+
+
+def start_server(store: Path, workers: int, log: Path) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as fh:  # the access log: one line per request; the URL is read back
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rscir.cli", "serve", str(store), "--port", "0", "--device",
+             "cpu", "--workers", str(workers)], stdout=fh, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        m = re.search(r"rscir serve: (http://127\.0\.0\.1:\d+)/", log.read_text())
+        if m and "Application startup complete" in log.read_text():
+            return proc, m.group(1)
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited early:\n{log.read_text()}")
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"the server did not start:\n{log.read_text()}")
+
+
+async def load(url: str, reqs: list[dict], clients: int) -> tuple[np.ndarray, list, int, float]:
+    """Send every request from ``clients`` concurrent connections; latencies (s), results,
+    error count, wall time."""
+    import httpx
+
+    lat = np.zeros(len(reqs))
+    out: list = [None] * len(reqs)
+    errors = 0
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(reqs)):
+        queue.put_nowait(i)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+
+        async def worker() -> None:
+            nonlocal errors
+            while True:
+                try:
+                    i = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/search", json=reqs[i])
+                    if r.status_code != 200:
+                        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+                    out[i] = [h["id"] for h in r.json()["results"][0]["hits"]]
+                except Exception as e:  # counted, reported, never fatal mid-run
+                    errors += 1
+                    if errors <= 5:
+                        print(f"  request {i} failed: {e!r}", file=sys.stderr)
+                lat[i] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return lat, out, errors, wall
+
+
+def baseline(store_dir: Path, reqs: list[dict]) -> tuple[np.ndarray, list, float]:
+    """The same queries, in process, one at a time, through Searcher.search_vectors: latencies,
+    results and CPU seconds per query."""
+    import torch
+
+    from rscir.encoders import load_encoder
+    from rscir.search import Searcher
+    from rscir.store import Store
+
+    torch.set_num_threads(1)
+    store = Store.open(store_dir)
+    s = Searcher(store, load_encoder("rscir-tiny", device="cpu"))
+    tv = {t: s.text_vector(t) for t in TEXTS}
+    ids = store.ids
+    lat = np.zeros(len(reqs))
+    out = []
+    c0 = time.process_time()
+    for i, q in enumerate(reqs):
+        t0 = time.perf_counter()
+        row = int(store.rows_for_ids([q["item_id"]])[0])
+        img = np.asarray(store.embeddings[row], np.float32)
+        rows, _ = s.search_vectors(img[None], tv[q["texts"][0]][None], q["method"], q["lam"],
+                                   q["k"], exclude_rows=[row])
+        out.append(ids[rows[0]].tolist())
+        lat[i] = time.perf_counter() - t0
+    return lat, out, (time.process_time() - c0) / len(reqs)
+
+
+def server_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def ms(x: np.ndarray, p: float) -> float:
+    return float(np.percentile(x, p) * 1e3)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=50_000)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--serial", type=int, default=200, help="requests sent by a single client")
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--workers", type=int, default=8, help="server search threads")
+    ap.add_argument("--images", type=int, default=16, help="real image files behind the items")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="rscir-load-") as tmp:
+        base = Path(tmp)
+        t0 = time.perf_counter()
+        store = build_store(base, a.items, a.images, a.seed)
+        print(f"store: {a.items} items (dim 32, float16) built in {time.perf_counter() - t0:.1f}s")
+        rng = np.random.default_rng(a.seed + 1)
+        reqs = [{"item_id": int(rng.integers(0, a.items)), "texts": [TEXTS[int(t)]],
+                 "method": "weicom", "lam": round(float(lam), 2), "k": a.k}
+                for t, lam in zip(rng.integers(0, len(TEXTS), a.requests),
+                                  rng.uniform(0.05, 0.95, a.requests), strict=True)]
+        proc, url = start_server(store, a.workers, base / "server.log")
+        try:
+            warm = [{**reqs[0], "texts": [t]} for t in TEXTS]  # model + text cache warm
+            asyncio.run(load(url, warm, 4))
+            slat, sserved, serrors, _ = asyncio.run(load(url, reqs[: a.serial], 1))
+            cpu0 = server_cpu(proc.pid)
+            lat, served, errors, wall = asyncio.run(load(url, reqs, a.clients))
+            cpu = server_cpu(proc.pid) - cpu0
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        logged = sum(" POST /search " in line for line in (base / "server.log").open())
+        blat, ref, bcpu = baseline(store, reqs)
+
+    errors += serrors
+    mismatched = sum(s is not None and s != r for s, r in zip(served, ref, strict=True))
+    mismatched += sum(s is not None and s != r for s, r in zip(sserved, ref, strict=False))
+    tput, btput = a.requests / wall, len(blat) / blat.sum()
+    print(f"checks : {a.requests + a.serial} searches, {errors} errors, {mismatched} results "
+          f"differing from in-process, {logged} requests in the access log")
+    print(f"serial : 1 client, {a.serial} searches: latency p50 {ms(slat, 50):.1f} ms  "
+          f"p95 {ms(slat, 95):.1f} ms")
+    print(f"load   : {a.clients} clients, {a.requests} searches, {a.workers} server threads: "
+          f"latency p50 {ms(lat, 50):.1f} ms  p95 {ms(lat, 95):.1f} ms  "
+          f"max {lat.max() * 1e3:.1f} ms; throughput {tput:.0f} searches/s ({wall:.1f}s)")
+    print(f"         server CPU {cpu / a.requests * 1e3:.1f} ms per search")
+    print(f"in-proc: latency p50 {ms(blat, 50):.2f} ms  p95 {ms(blat, 95):.2f} ms; "
+          f"CPU {bcpu * 1e3:.1f} ms per search; {btput:.0f} searches/s (one thread)")
+    print(f"ratios : serial p50 {ms(slat, 50) / ms(blat[: a.serial], 50):.2f}x in-process p50; "
+          f"CPU per search {cpu / a.requests / bcpu:.2f}x; "
+          f"throughput {tput / btput:.2f}x one in-process thread")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
+          "(clients, server and anything else share them)")
+    return 1 if errors or mismatched else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
