@@ -289,7 +289,7 @@ def main() -> None:
     ap.add_argument("--hnsw-m", type=int, default=32)
     ap.add_argument("--ef-construction", type=int, default=80)
     ap.add_argument("--ef-search", type=int, default=64)
-    ap.add_argument("--nprobe", type=int, default=32)
+    ap.add_argument("--nprobe", type=int, default=64)
     ap.add_argument("--rerank-factor", type=int, default=4)
     ap.add_argument("--start-depth", type=int, default=None, help="TA first stream depth")
     ap.add_argument("--max-depth", type=int, default=256, help="TA stream depth cap (ANN)")

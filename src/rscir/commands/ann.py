@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--ef-search", type=int, default=64, help="HNSW default search breadth")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~2·sqrt(n))")
     p.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantizers (default d/8)")
-    p.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per search")
+    p.add_argument("--nprobe", type=int, default=64, help="IVF lists probed per search")
     p.add_argument("--rerank-factor", type=int, default=4,
                    help="IVF-PQ candidates per wanted neighbour, re-scored exactly")
     p.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all)")
