@@ -142,7 +142,8 @@ class HammingIndex:
 def rerank(
     embeddings: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-k among candidate rows (−1 = none): rows (Q, k) and scores (Q, k),
+    """Exact inner-product top-k among candidate rows (−1 = none; cosine for the L2-normalized
+    vectors rscir stores): rows (Q, k) and scores (Q, k),
     best first, ties by candidate position; missing results get row −1 and score −inf."""
     cand = np.atleast_2d(np.asarray(candidates, np.int64))
     q = np.atleast_2d(np.asarray(queries))
@@ -161,8 +162,8 @@ class HashSearch:
     vectors: FAISS-style ``add`` / ``search`` on float vectors.
 
     With ``rerank_depth`` > 0 the ``max(k, rerank_depth)`` Hamming nearest neighbours are
-    re-scored by exact cosine (scores are similarities); otherwise rows come in Hamming order
-    with scores ``1 − H/n_bits``."""
+    re-scored by exact inner product (cosine on normalized vectors); otherwise rows come in
+    Hamming order with scores ``1 − H/n_bits``."""
 
     def __init__(
         self, hasher: BaseHasher, kind: str = "flat", *, rerank_depth: int = 0, **index_kw: Any
