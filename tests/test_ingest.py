@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ def seed_bad_files(folder: Path) -> dict[str, str]:
     data = good.read_bytes() if good.exists() else b""
     (bad / "empty.jpg").write_bytes(b"")
     (bad / "notanimage.png").write_text("hello, I am text")
-    (bad / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(300))
+    (bad / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + np.random.default_rng(1).bytes(300))
     buf = Path(folder / "bad" / "big.png")
     Image.new("L", (3000, 3000)).save(buf)  # 9 Mpx: a "bomb" under a 1 Mpx cap
     src = folder / "bad" / "full.jpg"
@@ -37,7 +36,7 @@ def seed_bad_files(folder: Path) -> dict[str, str]:
     return {
         "bad/empty.jpg": "empty",
         "bad/notanimage.png": "not an image",
-        "bad/corrupt.jpg": "",
+        "bad/corrupt.jpg": "corrupt",
         "bad/big.png": "oversized",
         "bad/truncated.jpg": "truncated",
     }
