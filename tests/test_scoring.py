@@ -93,3 +93,15 @@ def test_topk_matches_full_sort() -> None:
     np.testing.assert_array_equal(vals, np.take_along_axis(s, ref, 1))
     idx_all, _ = topk(s[:, :5], 50)
     assert idx_all.shape == (6, 5)
+
+
+def test_topk_ties_by_lower_index_also_at_the_kth_place() -> None:
+    s = np.array([[1.0, 3.0, 2.0, 3.0, 2.0, 2.0, np.nan, 2.0]])
+    idx, vals = topk(s, 4)  # 3, 3, then the first two of the four 2s
+    assert idx.tolist() == [[1, 3, 2, 4]] and vals.tolist() == [[3.0, 3.0, 2.0, 2.0]]
+    idx, vals = topk(s, 8)  # NaN ranks last
+    assert idx[0].tolist() == [1, 3, 2, 4, 5, 7, 0, 6] and np.isnan(vals[0, -1])
+    rng = np.random.default_rng(5)
+    r = rng.integers(0, 4, size=(50, 300)).astype(np.float32)  # ties everywhere
+    idx, _ = topk(r, 17)
+    assert np.array_equal(idx, np.argsort(-r, axis=1, kind="stable")[:, :17])

@@ -104,18 +104,24 @@ def fuse(
 
 
 def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and values of the k best scores per row, best first (equal scores: lower index first)."""
-    s = np.atleast_2d(scores)
-    n = s.shape[1]
+    """Indices and values of the k best scores per row, best first; equal scores by lower
+    index, also at the k-th place (so every strategy and backend returns the same rows on
+    ties, which are the rule for Hamming scores). NaN ranks last. One partition plus a few
+    O(N) passes, no full sort."""
+    s = np.atleast_2d(np.asarray(scores))
+    q, n = s.shape
     k = max(0, min(int(k), n))
     if k == 0:
-        return np.empty((s.shape[0], 0), np.int64), np.empty((s.shape[0], 0), s.dtype)
-    if k < n:
-        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    else:
-        part = np.broadcast_to(np.arange(n), s.shape).copy()
-    vals = np.take_along_axis(s, part, axis=1)
-    # lexsort: primary key score descending, secondary index ascending, for deterministic ties
-    order = np.lexsort((part, -vals), axis=1)
-    idx = np.take_along_axis(part, order, axis=1)
-    return idx.astype(np.int64), np.take_along_axis(vals, order, axis=1)
+        return np.empty((q, 0), np.int64), np.empty((q, 0), s.dtype)
+    key = s
+    if s.dtype.kind == "f" and np.isnan(s).any():
+        key = np.where(np.isnan(s), -np.inf, s)
+    kth = -np.partition(-key, k - 1, axis=1)[:, k - 1 : k]  # the k-th best value per row
+    above = key > kth
+    room = k - above.sum(axis=1, keepdims=True)  # how many items equal to it fit
+    eq = key == kth
+    take = above | (eq & (np.cumsum(eq, axis=1) <= room))
+    idx = np.nonzero(take)[1].reshape(q, k)  # row-major: index order within each row
+    order = np.lexsort((idx, -np.take_along_axis(key, idx, axis=1)), axis=1)
+    idx = np.take_along_axis(idx, order, axis=1).astype(np.int64, copy=False)
+    return idx, np.take_along_axis(s, idx, axis=1)

@@ -27,7 +27,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ..composed_topk import candidate_similarities
 from ..moments import ArchiveMoments
-from ..scoring import QueryStats, fuse
+from ..scoring import QueryStats, fuse, topk
 from .base import (
     BaseHasher,
     _popcount_rows,
@@ -53,33 +53,14 @@ def canonical_order(dist: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.n
     )
 
 
-def canonical_topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Columns and values of the k best scores per row, best first, equal scores by lower
-    column — also at the k-th place, which matters for Hamming scores where ties are the rule.
-
-    (:func:`rscir.scoring.topk` orders ties by column only among the items ``argpartition``
-    happened to select.) One partition plus a few O(N) passes, no full sort."""
-    s = np.atleast_2d(np.asarray(scores))
-    q, n = s.shape
-    k = max(0, min(int(k), n))
-    if k == 0:
-        return np.empty((q, 0), np.int64), np.empty((q, 0), s.dtype)
-    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1 : k]  # the k-th best value per row
-    above = s > kth
-    room = k - above.sum(axis=1, keepdims=True)  # how many items equal to it fit
-    eq = s == kth
-    take = above | (eq & (np.cumsum(eq, axis=1) <= room))
-    idx = np.nonzero(take)[1].reshape(q, k)  # row-major: column order within each row
-    vals = np.take_along_axis(s, idx, axis=1)
-    order = np.lexsort((idx, -vals), axis=1)
-    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(vals, order, axis=1)
+canonical_topk = topk  # the name rscir.hashing exported first; ties by lower row
 
 
 def hamming_topk(q_codes: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force reference: distances and rows of the k nearest codes by popcount, ties by
     lower row."""
     d = hamming_distances(q_codes, codes)
-    idx, neg = canonical_topk(-d.astype(np.int64), k)
+    idx, neg = topk(-d.astype(np.int64), k)
     return (-neg).astype(np.int32), idx
 
 
@@ -152,7 +133,7 @@ def rerank(
     if q.shape[1] != embeddings.shape[1]:
         raise ValueError(f"queries have dim {q.shape[1]}, embeddings have {embeddings.shape[1]}")
     sims = np.where(cand >= 0, candidate_similarities(embeddings, cand, q), -np.inf)
-    pos, vals = canonical_topk(sims, k)
+    pos, vals = topk(sims, k)
     rows = np.take_along_axis(cand, pos, axis=1)
     return np.where(np.isfinite(vals), rows, -1), vals
 
@@ -289,4 +270,4 @@ def composed_hamming_search(
     scores = composed_hamming_scores(
         img_codes, txt_codes, codes, method=method, lam=lam, moments=moments
     )
-    return canonical_topk(scores, k)
+    return topk(scores, k)
