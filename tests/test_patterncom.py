@@ -19,7 +19,6 @@ from rscir.bench.fixtures import make_patterncom
 from rscir.bench.metrics import relevant_ranks
 from rscir.bench.patterncom import (
     Database,
-    DatabaseMoments,
     build_pairs,
     class_of,
     normalize_cdf,
@@ -28,6 +27,7 @@ from rscir.bench.patterncom import (
     run_patterncom,
 )
 from rscir.cli import main
+from rscir.moments import ArchiveMoments
 from rscir.scoring import QueryStats, norm_cdf
 
 ATTRS = ("color", "context", "density", "existence", "quantity", "shape")
@@ -286,7 +286,7 @@ def test_normalization_matches_full_archive_statistics():
     db = rng.standard_normal((500, 16)).astype(np.float32)
     q = rng.standard_normal((7, 16)).astype(np.float32)
     s = q @ db.T
-    st = DatabaseMoments.of(db, chunk=64).query_stats(q)
+    st = ArchiveMoments.of(db, chunk=64).query_stats(q)
     full = QueryStats.of(s)
     np.testing.assert_allclose(st.mean, full.mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(st.std, full.std, rtol=1e-5)

@@ -10,19 +10,55 @@ the full-scan values up to float64 rounding.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
 from .scoring import QueryStats
 
 
-class MomentsLike(Protocol):
-    """What :class:`rscir.store.Moments` offers: count, Σx (d,), Σxxᵀ (d, d)."""
+@dataclass(frozen=True)
+class Moments:
+    """Sums over live items (as stored, in float64): count, Σx and Σxxᵀ.
+
+    They give the exact per-query mean and unbiased variance of ``q·x`` over the archive in
+    O(d²) (see :class:`ArchiveMoments`), and merge by addition across segments or shards.
+    """
 
     n: int
     sum: np.ndarray
     sumsq: np.ndarray
+
+    @classmethod
+    def of(cls, x: np.ndarray, chunk: int = 8192) -> Moments:
+        """Sums of ``x`` (N, d), converted to float64 a chunk of rows at a time (a million-row
+        float16 segment would otherwise need an 8× float64 copy)."""
+        x = np.asarray(x)
+        d = x.shape[1]
+        s, ss = np.zeros(d), np.zeros((d, d))
+        for i in range(0, x.shape[0], chunk):
+            c = np.asarray(x[i : i + chunk], dtype=np.float64)
+            s += c.sum(axis=0)
+            ss += c.T @ c
+        return cls(int(x.shape[0]), s, ss)
+
+    @classmethod
+    def zeros(cls, dim: int) -> Moments:
+        return cls(0, np.zeros(dim), np.zeros((dim, dim)))
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(self.n + other.n, self.sum + other.sum, self.sumsq + other.sumsq)
+
+    def __sub__(self, other: Moments) -> Moments:
+        return Moments(self.n - other.n, self.sum - other.sum, self.sumsq - other.sumsq)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.n, 1)
+
+    @property
+    def cov(self) -> np.ndarray:
+        """Unbiased covariance Σ = (Σxxᵀ − n μμᵀ) / (n − 1)."""
+        return ArchiveMoments.from_sums(self).cov
 
 
 @dataclass(frozen=True)
@@ -34,7 +70,7 @@ class ArchiveMoments:
     cov: np.ndarray
 
     @classmethod
-    def from_sums(cls, m: MomentsLike) -> ArchiveMoments:
+    def from_sums(cls, m: Moments) -> ArchiveMoments:
         n = int(m.n)
         if n < 2:
             raise ValueError("WeiCom normalization needs an archive of at least 2 items")
@@ -49,16 +85,9 @@ class ArchiveMoments:
         return cls(n=n, mean=mu, cov=cov)
 
     @classmethod
-    def of(cls, x: np.ndarray, chunk: int = 1 << 16) -> ArchiveMoments:
+    def of(cls, x: np.ndarray, chunk: int = 8192) -> ArchiveMoments:
         """Moments of an embedding matrix (float64 accumulation, chunked for memmaps)."""
-        xa = np.asarray(x) if not isinstance(x, np.memmap) else x
-        d = xa.shape[1]
-        s, ss = np.zeros(d), np.zeros((d, d))
-        for i in range(0, xa.shape[0], chunk):
-            c = np.asarray(xa[i : i + chunk], np.float64)
-            s += c.sum(axis=0)
-            ss += c.T @ c
-        return cls.from_sums(_Sums(int(xa.shape[0]), s, ss))
+        return cls.from_sums(Moments.of(x, chunk))
 
     @property
     def dim(self) -> int:
@@ -70,19 +99,12 @@ class ArchiveMoments:
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have dim {q.shape[1]}, archive moments have {self.dim}")
         mean = q @ self.mean
-        var = np.einsum("qi,ij,qj->q", q, self.cov, q)
+        var = ((q @ self.cov) * q).sum(axis=1)  # qᵀΣq per query, as one matrix product
         std = np.sqrt(np.maximum(var, 0.0))  # tiny negative values are rounding of a 0 variance
         return QueryStats(mean=mean[:, None], std=std[:, None])
 
 
-@dataclass(frozen=True)
-class _Sums:
-    n: int
-    sum: np.ndarray
-    sumsq: np.ndarray
-
-
-def query_stats(queries: np.ndarray, moments: MomentsLike | ArchiveMoments) -> QueryStats:
+def query_stats(queries: np.ndarray, moments: Moments | ArchiveMoments) -> QueryStats:
     """:class:`QueryStats` for a batch of queries from ``store.moments()`` (or precomputed)."""
     am = moments if isinstance(moments, ArchiveMoments) else ArchiveMoments.from_sums(moments)
     return am.query_stats(queries)

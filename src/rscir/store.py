@@ -32,6 +32,7 @@ import pandas as pd
 
 from . import __version__
 from .encoders.base import ModelInfo, ModelMismatchError
+from .moments import Moments
 
 FORMAT_VERSION = 1
 ITEM_COLUMNS = ("id", "path", "size", "mtime_ns", "width", "height", "label", "labels", "lon", "lat")
@@ -40,54 +41,6 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 
 class StoreError(RuntimeError):
     """A store cannot be opened or written (missing, corrupt, locked, wrong model)."""
-
-
-@dataclass(frozen=True)
-class Moments:
-    """Sums over live items (as stored, in float64): count, Σx and Σxxᵀ.
-
-    They give the exact per-query mean and unbiased variance of ``q·x`` over the archive in
-    O(d²) (see :mod:`rscir.moments`), and merge by addition across segments or shards.
-    """
-
-    n: int
-    sum: np.ndarray
-    sumsq: np.ndarray
-
-    @classmethod
-    def of(cls, x: np.ndarray, chunk: int = 1 << 15) -> Moments:
-        """Sums of ``x`` (N, d), converted to float64 a chunk of rows at a time (a million-row
-        float16 segment would otherwise need an 8× float64 copy)."""
-        x = np.asarray(x)
-        d = x.shape[1]
-        s, ss = np.zeros(d), np.zeros((d, d))
-        for i in range(0, x.shape[0], chunk):
-            c = np.asarray(x[i : i + chunk], dtype=np.float64)
-            s += c.sum(axis=0)
-            ss += c.T @ c
-        return cls(int(x.shape[0]), s, ss)
-
-    @classmethod
-    def zeros(cls, dim: int) -> Moments:
-        return cls(0, np.zeros(dim), np.zeros((dim, dim)))
-
-    def __add__(self, other: Moments) -> Moments:
-        return Moments(self.n + other.n, self.sum + other.sum, self.sumsq + other.sumsq)
-
-    def __sub__(self, other: Moments) -> Moments:
-        return Moments(self.n - other.n, self.sum - other.sum, self.sumsq - other.sumsq)
-
-    @property
-    def mean(self) -> np.ndarray:
-        return self.sum / max(self.n, 1)
-
-    @property
-    def cov(self) -> np.ndarray:
-        """Unbiased covariance Σ = (Σxxᵀ − n μμᵀ) / (n − 1)."""
-        if self.n < 2:
-            raise ValueError("covariance needs at least 2 items")
-        mu = self.mean
-        return (self.sumsq - self.n * np.outer(mu, mu)) / (self.n - 1)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
+from ..moments import ArchiveMoments
 from ..scoring import METHODS, QueryStats, check_lam, check_method, fuse
 from .metrics import average_precision_from_ranks, precision_recall_at_k, relevant_ranks
 
@@ -395,37 +396,6 @@ def _mean2(x: np.ndarray) -> float:
     return round(float(np.mean(x)), 2) if len(x) else 0.0
 
 
-@dataclass(frozen=True)
-class DatabaseMoments:
-    """Column mean and second-moment matrix of the database features (float64).
-
-    WeiCom normalizes a query's similarities s = X·q with their mean and unbiased std over the
-    whole database. Both follow exactly from these moments (mean = μ·q, Σs² = qᵀ(XᵀX)q), which
-    costs O(d²) per query instead of two more passes over every (query × database) row."""
-
-    n: int
-    mean: np.ndarray  # (d,)
-    second: np.ndarray  # (d, d) = XᵀX
-
-    @classmethod
-    def of(cls, x: np.ndarray, chunk: int = 8192) -> DatabaseMoments:
-        d = x.shape[1]
-        total, second = np.zeros(d), np.zeros((d, d))
-        for i in range(0, len(x), chunk):
-            part = np.asarray(x[i : i + chunk], dtype=np.float64)
-            total += part.sum(axis=0)
-            second += part.T @ part
-        return cls(len(x), total / max(len(x), 1), second)
-
-    def query_stats(self, q: np.ndarray) -> QueryStats:
-        """Per-query mean and unbiased std of ``q @ X.T`` (``q`` (Q, d))."""
-        q64 = np.asarray(q, dtype=np.float64)
-        mean = q64 @ self.mean
-        sumsq = np.einsum("qd,de,qe->q", q64, self.second, q64, optimize=True)
-        var = np.maximum(sumsq - self.n * mean**2, 0.0) / (self.n - 1)
-        return QueryStats(mean=mean[:, None], std=np.sqrt(var)[:, None])
-
-
 def _as_float32(x: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
     if not np.isfinite(a).all():
@@ -457,7 +427,7 @@ def evaluate_pairs(
     memory_cap: int = DEFAULT_MEMORY_CAP,
     block: int = 128,
     workers: int = 1,
-    moments: DatabaseMoments | None = None,
+    moments: ArchiveMoments | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[Config, PairMetrics]:
     """Metrics of every pair for every configuration. ``text_feats`` (len(pairs.texts), d).
@@ -484,7 +454,7 @@ def evaluate_pairs(
         return out
     need_norm = any(c.method == "weicom" and c.lam not in (0.0, 1.0) for c in configs)
     if need_norm and moments is None:
-        moments = DatabaseMoments.of(db)
+        moments = ArchiveMoments.of(db)
     raw_t = text_feats @ db.T
     tsims = _TextSims(
         raw_t, normalize_cdf(raw_t, moments.query_stats(text_feats)) if need_norm else None
@@ -761,7 +731,8 @@ def run_patterncom(
     all_texts = sorted({t for p in all_pairs for t in p.texts})
     tmat = text_matrix(all_texts, texts, feats.shape[1])
     trow = {t: i for i, t in enumerate(all_texts)}
-    moments = DatabaseMoments.of(feats) if any(c.method == "weicom" for c in configs) else None
+    need_norm = any(c.method == "weicom" and c.lam not in (0.0, 1.0) for c in configs)
+    moments = ArchiveMoments.of(feats) if need_norm else None
     workers = default_workers() if workers is None else workers
     total = sum(len(p) for p in all_pairs)
     results = []

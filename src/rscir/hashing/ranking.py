@@ -26,7 +26,7 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from ..composed_topk import candidate_similarities
-from ..moments import ArchiveMoments
+from ..moments import ArchiveMoments, Moments
 from ..scoring import QueryStats, fuse, topk
 from .base import (
     BaseHasher,
@@ -186,12 +186,11 @@ class CodeMoments:
     def of(cls, codes: np.ndarray, chunk: int = 1 << 16) -> CodeMoments:
         c = check_codes(codes)
         n_bits = c.shape[1] * 8
-        s, ss = np.zeros(n_bits), np.zeros((n_bits, n_bits))
-        for i in range(0, c.shape[0], chunk):
-            b = unpack_bits(c[i : i + chunk]).astype(np.float64)
-            s += b.sum(axis=0)
-            ss += b.T @ b
-        return cls(n_bits, ArchiveMoments.from_sums(_Sums(c.shape[0], s, ss)))
+        sums = sum(
+            (Moments.of(unpack_bits(c[i : i + chunk])) for i in range(0, c.shape[0], chunk)),
+            Moments.zeros(n_bits),
+        )
+        return cls(n_bits, ArchiveMoments.from_sums(sums))
 
     def query_stats(self, q_codes: np.ndarray) -> QueryStats:
         """Per-query mean and unbiased std of the similarity ``1 − H/n_bits`` over the archive."""
@@ -200,13 +199,6 @@ class CodeMoments:
         st = self.moments.query_stats(1.0 - 2.0 * qf)  # stats of (1 − 2q)·x
         mean_h = qf.sum(axis=1, keepdims=True) + st.mean
         return QueryStats(mean=1.0 - mean_h / self.n_bits, std=st.std / self.n_bits)
-
-
-@dataclass(frozen=True)
-class _Sums:
-    n: int
-    sum: np.ndarray
-    sumsq: np.ndarray
 
 
 def hamming_similarity(
