@@ -124,6 +124,24 @@ def test_filters_and_exclusion_keep_k_rows(store: Store, strategy: str) -> None:
     assert 0 < n_ok < 25 and r.shape == (3, n_ok)
 
 
+def test_flat_ann_index_is_exact_and_k_may_exceed_the_archive(tmp_path: Path) -> None:
+    x = _vectors(300, 8)
+    st = Store.create(tmp_path / "s", INFO, tmp_path)
+    st.add(x, [{"path": f"{i}.jpg"} for i in range(300)])
+    build_index(st, "flat")
+    qi, qt, rows = _queries(st, 9, q=6)
+    # a depth cap far below what TA needs: a flat index is exact, so the cap must not apply
+    s = Searcher(st, None, strategy="ann", stream=StreamParams(max_depth=4))
+    for method in ("weicom", "average"):
+        r, v = s.search_vectors(qi, qt, method, 0.5, 20, exclude_rows=rows)
+        rb, vb = s.search_vectors(qi, qt, method, 0.5, 20, exclude_rows=rows, strategy="brute")
+        np.testing.assert_allclose(v, vb, atol=1e-5)
+        assert np.all(np.abs(vb[r != rb] - v[r != rb]) < 1e-5)
+    for strategy in ("brute", "exact-stream", "ann"):
+        r, v = s.search_vectors(qi, qt, "weicom", 0.5, 400, strategy=strategy)
+        assert r.shape == (6, 300) and np.all(np.sort(r, axis=1) == np.arange(300))
+
+
 def test_product_with_ann_falls_back_to_k_rows(store: Store) -> None:
     """product needs bottom streams; with a tiny depth cap the ANN path still returns k rows."""
     qi, qt, rows = _queries(store, 6, q=3)

@@ -49,10 +49,11 @@ class NeighborSource(Protocol):
 class ExactSource:
     """Brute-force stream: the exact top-``depth`` by inner product (chunked over the archive).
 
-    TA asks the same queries again at doubled depth; the last few similarity matrices are kept
-    (keyed by the query bytes) so a deeper read costs a top-k, not another scan."""
+    TA asks the same queries again at doubled depth; the last similarity matrix is kept (keyed
+    by the query bytes) so a deeper read costs a top-k, not another scan. Only the last one can
+    be asked again (each round reads all streams at once), and each is (Q, N) float32."""
 
-    def __init__(self, embeddings: np.ndarray, chunk_rows: int = 1 << 16, cache: int = 6) -> None:
+    def __init__(self, embeddings: np.ndarray, chunk_rows: int = 1 << 16, cache: int = 1) -> None:
         self.embeddings = embeddings
         self.chunk_rows = chunk_rows
         self._cache: dict[bytes, np.ndarray] = {}

@@ -52,7 +52,8 @@ def check_strategy(strategy: str) -> str:
 class StreamParams:
     """Threshold-algorithm settings for the ``exact-stream`` and ``ann`` strategies.
 
-    ``max_depth`` caps how deep the ANN streams are read (the exact streams are never capped);
+    ``max_depth`` caps how deep approximate ANN streams are read (exact streams, including a
+    flat ANN index, are never capped);
     a filter that passes at most ``subset_max`` items is scored exactly on those items instead,
     which is both faster and exact."""
 
@@ -329,6 +330,7 @@ class Searcher:
         nq = np.atleast_2d(img if img is not None else txt).shape[0]
         if len(self.store) == 0:
             return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float64)
+        k = min(int(k), len(self.store))  # every path then returns the same width
         strat = self.resolve_strategy(strategy)
         mask = None if where is None or where.is_empty() else where.mask(self.store.items)
         subset = None if mask is None else np.flatnonzero(mask)
@@ -378,9 +380,11 @@ class Searcher:
         start = self.stream.start_depth
         if strat == "ann":
             source: Any = self.ann_index()
-            max_depth: int | None = self.stream.max_depth
+            # a flat index gives exact streams: TA certifies its answer, so no cap is needed
+            max_depth: int | None = None if source.kind == "flat" else self.stream.max_depth
             if start is None and source.kind != "hnsw":
-                start = max_depth  # a list or full scan costs the same at any depth: read once
+                # a list or full scan costs the same at any depth: read once
+                start = self.stream.max_depth
         else:
             source, max_depth = ExactSource(x, self.chunk_rows), None
         res = composed_topk(
