@@ -322,6 +322,9 @@ def test_bad_uris_are_clean_errors(pg_uri: str, capsys: pytest.CaptureFixture[st
     assert rc == 2 and "cannot connect" in err and "Traceback" not in err
     assert "secret" not in err
     assert redact_uri("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+    assert redact_uri("postgresql://u@h/db?sslmode=require&password=s3cret") == (
+        "postgresql://u@h/db?sslmode=require&password=***")
+    assert redact_uri("postgresql://u@h/db?schema=a") == "postgresql://u@h/db?schema=a"
     assert is_pg_uri("postgres://h/db") and not is_pg_uri("store-dir")
 
 

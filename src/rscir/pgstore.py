@@ -82,12 +82,17 @@ def split_uri(uri: str) -> tuple[str, str]:
 
 
 def redact_uri(uri: str) -> str:
-    """The URI without its password, for logs and ``/info``."""
+    """The URI without its password (in the user part or a ``password=`` parameter), for logs,
+    error messages and ``/info``."""
     parts = urllib.parse.urlsplit(uri)
-    if not parts.password:
-        return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    netloc, query = parts.netloc, parts.query
+    if parts.password:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if any(key.lower() == "password" for key, _ in pairs):
+        query = urllib.parse.urlencode(
+            [(key, "***" if key.lower() == "password" else v) for key, v in pairs], safe="*")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 @contextlib.contextmanager
@@ -168,7 +173,7 @@ class _Pool:
     def _new(self) -> Any:
         import psycopg
 
-        conn = psycopg.connect(self.conninfo, autocommit=False)
+        conn = psycopg.connect(self.conninfo, autocommit=False, connect_timeout=10)
         _make_adapters(conn)
         conn.commit()
         # every use is a read: one snapshot per borrow, so items and moments always agree
@@ -887,14 +892,16 @@ class PgSearcher:
                 cur.execute(f"SET LOCAL hnsw.max_scan_tuples = {max(20000, 8 * self.max_candidates)}")
                 if self.mode == "index":
                     cur.execute("SET LOCAL enable_seqscan = off")
+            memo: dict[Any, Any] = {}  # what does not depend on λ: the scan, the fixed lists
             for lam in lams:
                 if exact:
                     cs = CandidateStats(exact_scan=True)
                     ids, x = self._exact_scan(cur, qi, qt, method, lam, k, stats, max_norm,
-                                              wsql, wparams, cs)
+                                              wsql, wparams, cs, memo)
                     res = _top(ids, self._rescore(x, qi, qt, method, lam, stats), k) + (cs,)
                 else:
-                    res = self._one(cur, qi, qt, method, lam, k, stats, max_norm, wsql, wparams)
+                    res = self._one(cur, qi, qt, method, lam, k, stats, max_norm, wsql, wparams,
+                                    memo)
                 out.append(res)
         return out
 
@@ -911,29 +918,33 @@ class PgSearcher:
     def _exact_scan(self, cur: Any, qi: np.ndarray | None, qt: np.ndarray | None, method: str,
                     lam: float, k: int, stats: tuple[QueryStats | None, QueryStats | None],
                     max_norm: float, where: str, params: list[Any],
-                    cs: CandidateStats) -> tuple[np.ndarray, np.ndarray]:
-        """Every qualifying item's similarities, computed in SQL (float32), fused here; the items
-        that can be in the top k given the rounding bound ``delta`` are fetched for re-scoring.
+                    cs: CandidateStats, memo: dict[Any, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Every qualifying item's similarities, computed in SQL (float32) once per query (kept
+        in ``memo`` for its other λ), fused here; the items that can be in the top k given the
+        rounding bound ``delta`` are fetched for re-scoring.
 
         Why a margin: SQL and numpy sum in different orders. With |f_sql − f| ≤ δ, any item of
         the exact top k has f_sql ≥ (k-th best f_sql) − 2δ, so that set provably holds it."""
         d = self.store.dim
-        cols, qparams, errs = [], [], []
-        for v in (qi, qt):
-            if v is not None:
-                cols.append(f"-(embedding::vector({d}) <#> %s::vector({d}))")
-                qparams.append(_vec_literal(v))
-                errs.append(float(np.linalg.norm(v)) * max_norm * 2 * d * _F32_EPS * 1.01 + 1e-7)
-        cur.execute(_sql(f"SELECT id, {', '.join(cols)} FROM {{s}}.items {where}",
-                         self.store.schema), [*qparams, *params])
-        arr = np.array(cur.fetchall(), np.float64).reshape(-1, 1 + len(cols))
-        cs.candidates = len(arr)
-        if not len(arr):
+        if "scan" not in memo:
+            cols, qparams, errs = [], [], []
+            for v in (qi, qt):
+                if v is not None:
+                    cols.append(f"-(embedding::vector({d}) <#> %s::vector({d}))")
+                    qparams.append(_vec_literal(v))
+                    errs.append(float(np.linalg.norm(v)) * max_norm * 2 * d * _F32_EPS * 1.01
+                                + 1e-7)
+            cur.execute(_sql(f"SELECT id, {', '.join(cols)} FROM {{s}}.items {where}",
+                             self.store.schema), [*qparams, *params])
+            arr = np.array(cur.fetchall(), np.float64).reshape(-1, 1 + len(cols))
+            sims = iter(arr[:, 1:].T)
+            memo["scan"] = (arr[:, 0].astype(np.int64),
+                            next(sims)[None] if qi is not None else None,
+                            next(sims)[None] if qt is not None else None, errs)
+        ids, si, st, errs = memo["scan"]
+        cs.candidates = len(ids)
+        if not len(ids):
             return np.zeros(0, np.int64), np.zeros((0, d), np.float32)
-        ids = arr[:, 0].astype(np.int64)
-        sims = iter(arr[:, 1:].T)
-        si = next(sims)[None] if qi is not None else None
-        st = next(sims)[None] if qt is not None else None
         f = np.asarray(_fuse(method, si, st, lam, stats), np.float64)[0]
         delta = _fused_err(method, lam, si, st, errs, stats)
         kth = np.partition(f, len(f) - min(k, len(f)))[len(f) - min(k, len(f))]
@@ -942,7 +953,7 @@ class PgSearcher:
 
     def _one(self, cur: Any, qi: np.ndarray | None, qt: np.ndarray | None, method: str,
              lam: float, k: int, stats: tuple[QueryStats | None, QueryStats | None],
-             max_norm: float, wsql: str, wparams: list[Any],
+             max_norm: float, wsql: str, wparams: list[Any], memo: dict[Any, Any],
              ) -> tuple[np.ndarray, np.ndarray, CandidateStats]:
         """Candidates from the index in growing rounds until a bound proves that no item outside
         them can enter the top k (exact up to the index's recall); else an exact scan."""
@@ -968,7 +979,10 @@ class PgSearcher:
             lists = []
             for v in dirs:
                 unit = v / max(float(np.linalg.norm(v)), 1e-12)
-                ids, x = self._fetch(cur, unit, limit, wsql, wparams)
+                key = (unit.tobytes(), limit)  # the image and text lists serve every λ
+                if key not in memo:
+                    memo[key] = self._fetch(cur, unit, limit, wsql, wparams)
+                ids, x = memo[key]
                 lists.append((ids, x, v))
             ids = np.concatenate([lst[0] for lst in lists])
             x = np.concatenate([lst[1] for lst in lists])
@@ -985,7 +999,8 @@ class PgSearcher:
                 break
             limit = min(limit * 4, self.max_candidates)
         cs.exact_scan = True
-        ids, x = self._exact_scan(cur, qi, qt, method, lam, k, stats, max_norm, wsql, wparams, cs)
+        ids, x = self._exact_scan(cur, qi, qt, method, lam, k, stats, max_norm, wsql, wparams, cs,
+                                  memo)
         return _top(ids, self._rescore(x, qi, qt, method, lam, stats), k) + (cs,)
 
     def _rescore(self, x: np.ndarray, qi: np.ndarray | None, qt: np.ndarray | None, method: str,
