@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 
 def relevant_ranks(
@@ -52,6 +51,8 @@ def relevant_ranks(
     safe_cols = np.where(valid, cols, 0)
     if q == 0 or cols.shape[1] == 0:
         return np.full(cols.shape, n + 1, dtype=np.int64)
+    import torch  # batched searchsorted; imported here so `rscir` starts without torch
+
     srt = np.sort(scores, axis=1) if sorted_scores is None else sorted_scores
     vals = scores[rows[:, None], safe_cols]
     identity = len(rows) == srt.shape[0] and np.array_equal(rows, np.arange(len(rows)))

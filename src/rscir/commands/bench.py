@@ -1,10 +1,9 @@
-"""`rscir bench ...`: benchmarks, one sub-subcommand each (``patterncom``; ``rsir`` when present)."""
+"""`rscir bench ...`: benchmarks, one sub-subcommand each (``patterncom``, ``rsir``)."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -18,11 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("bench", help="benchmarks: PatternCom composed retrieval, RS retrieval")
     bench_sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     register_patterncom(bench_sub)
-    # `rscir bench rsir` lives in rscir.bench.rsir (its own issue); the CLI works without it.
-    if importlib.util.find_spec("rscir.bench.rsir") is not None:
-        from ..bench import rsir
+    from ..bench import rsir
 
-        rsir.register_cli(bench_sub)
+    rsir.register_cli(bench_sub)
 
 
 def register_patterncom(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

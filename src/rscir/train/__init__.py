@@ -6,11 +6,29 @@ trains with symmetric InfoNCE and resumable checkpoints, ``metrics`` scores held
 and ``recipe`` ties them together.
 """
 
-from .data import PairSet, Vocabulary, read_captions, read_class_folders, read_multilabels
-from .loop import TrainConfig, Trainer, contrastive_loss, export_tower, load_tower
-from .metrics import evaluate_embeddings, image_map, recall_at_k
-from .recipe import DataSources, train_tower
-from .towers import ImageTower, MiniLMText, TowerConfig, build_tower
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Exported lazily (PEP 562): the CLI reads defaults from ``data`` without importing torch.
+_WHERE = {
+    "PairSet": "data", "Vocabulary": "data", "read_captions": "data",
+    "read_class_folders": "data", "read_multilabels": "data",
+    "TrainConfig": "loop", "Trainer": "loop", "contrastive_loss": "loop",
+    "export_tower": "loop", "load_tower": "loop",
+    "evaluate_embeddings": "metrics", "image_map": "metrics", "recall_at_k": "metrics",
+    "DataSources": "recipe", "train_tower": "recipe",
+    "ImageTower": "towers", "MiniLMText": "towers", "TowerConfig": "towers",
+    "build_tower": "towers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+
 
 __all__ = [
     "DataSources",
