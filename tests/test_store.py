@@ -36,6 +36,9 @@ def test_add_open_roundtrip_and_ids(tmp_path: Path) -> None:
     np.testing.assert_allclose(ro.embeddings[row], vecs(2, 1)[1], atol=1e-7)
     with pytest.raises(KeyError):
         ro.rows_for_ids([99])
+    assert ro.items_for_ids([3, 0])["path"].tolist() == ["b/2.jpg", "a/1.jpg"]
+    with pytest.raises(KeyError):
+        ro.items_for_ids([0, 99])
 
 
 def test_moments_track_live_rows(tmp_path: Path) -> None:

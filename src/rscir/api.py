@@ -57,14 +57,22 @@ def load_encoder_for_store(
     return enc
 
 
-def open_searcher(store_dir: str | os.PathLike[str], **model_kwargs: Any) -> Searcher:
-    """Open a store read-only together with its model (a directory, or a postgresql:// URI)."""
+def open_searcher(
+    store_dir: str | os.PathLike[str], *, strategy: str = "auto", **model_kwargs: Any
+) -> Searcher:
+    """Open a store read-only together with its model (a directory, or a postgresql:// URI);
+    ``strategy`` as in :class:`Searcher` (mapped to the Postgres search modes there)."""
     if is_pg_uri(store_dir):  # Postgres/pgvector store: rscir.pgstore (issue 7)
         from .pgstore import open_pg_searcher
 
-        return open_pg_searcher(store_dir, **model_kwargs)  # type: ignore[return-value]
+        return open_pg_searcher(str(store_dir), strategy=strategy, **model_kwargs)  # type: ignore[return-value]
     store = Store.open(store_dir)
-    return Searcher(store, load_encoder_for_store(store, **model_kwargs))
+    try:
+        enc = load_encoder_for_store(store, **model_kwargs)
+    except Exception:
+        store.close()
+        raise
+    return Searcher(store, enc, strategy=strategy)
 
 
 def index(

@@ -1112,17 +1112,20 @@ def _top(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     return ids[order], scores[order]
 
 
-def open_pg_searcher(uri: str, **model_kwargs: Any) -> PgSearcher:
-    """Open a Postgres store read-only together with its model (like :func:`rscir.open_searcher`)."""
+def open_pg_searcher(uri: str, *, strategy: str = "auto", **model_kwargs: Any) -> PgSearcher:
+    """Open a Postgres store read-only together with its model (like :func:`rscir.open_searcher`;
+    ``strategy`` maps to a search mode through :data:`PG_MODES`)."""
     from .api import load_encoder_for_store
 
+    if strategy not in PG_MODES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(PG_MODES)}")
     store = PgStore.open(uri)
     try:
         enc = load_encoder_for_store(store, **model_kwargs)  # type: ignore[arg-type]
     except Exception:
         store.close()
         raise
-    return PgSearcher(store, enc)
+    return PgSearcher(store, enc, mode=PG_MODES[strategy])
 
 
 def index_folder_pg(folder: str | os.PathLike[str], uri: str, *, model: str | None = None,

@@ -367,6 +367,10 @@ class Store:
             raise KeyError(f"unknown item id(s): {want[~ok][:10].tolist()}")
         return self._id_order[pos_c]
 
+    def items_for_ids(self, ids: Any) -> pd.DataFrame:
+        """Metadata of these ids, in the order given (as :meth:`PgStore.items_for_ids`)."""
+        return self.items.iloc[self.rows_for_ids(ids)].reset_index(drop=True)
+
     def rows_for_paths(self, paths: list[str]) -> np.ndarray:
         """Row of each relative path, -1 when absent."""
         index = pd.Index(self._items["path"])

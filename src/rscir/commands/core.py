@@ -106,34 +106,18 @@ def cmd_index(a: argparse.Namespace) -> int:
 def cmd_search(a: argparse.Namespace) -> int:
     from PIL import Image
 
-    from ..api import load_encoder_for_store
+    from ..api import open_searcher
     from ..ingest import load_image
-    from ..pgstore import PG_MODES, PgSearcher, PgStore, is_pg_uri
-    from ..search import Searcher
     from ..sheet import contact_sheet
-    from ..store import Store
 
     if a.k < 1:
         raise ValueError("-k must be >= 1")
+    if a.image and not Path(a.image).is_file():
+        raise FileNotFoundError(f"query image not found: {a.image}")
     lams = parse_lams(a.lams) if a.lams else [a.lam]
-    pg = is_pg_uri(a.store)
-    store: Any = PgStore.open(a.store) if pg else Store.open(a.store)
-    try:
-        enc = load_encoder_for_store(store, model=a.model, arch=a.arch, checkpoint=a.checkpoint,
-                                     device=a.device)
-    except Exception:
-        store.close()
-        raise
-    s: Any = (PgSearcher(store, enc, mode=PG_MODES[a.strategy]) if pg
-              else Searcher(store, enc, strategy=a.strategy))
-    query_img: Image.Image | None = None
-    if a.image:
-        if not Path(a.image).is_file():
-            raise FileNotFoundError(f"query image not found: {a.image}")
-        query_img, _ = load_image(a.image)
-    elif a.item_id is not None:
-        row = int(store.rows_for_ids([a.item_id])[0])
-        query_img, _ = load_image(store.resolve_path(str(store.items["path"].iloc[row])))
+    s: Any = open_searcher(a.store, strategy=a.strategy, model=a.model, arch=a.arch,
+                           checkpoint=a.checkpoint, device=a.device)
+    store = s.store
     results = [
         s.search(image=a.image, item_id=a.item_id, text=a.text or None, lam=lam, k=a.k,
                  method=a.method, exclude_query=not a.include_query)
@@ -153,6 +137,12 @@ def cmd_search(a: argparse.Namespace) -> int:
             for h in r.hits:
                 print(f"{h.rank:>4}  id={h.id:<8} {h.score:9.5f}  {h.path}")
     if a.sheet:
+        query_img: Image.Image | None = None
+        if a.image:
+            query_img, _ = load_image(a.image)
+        elif a.item_id is not None:
+            rel = str(store.items_for_ids([a.item_id])["path"].iloc[0])
+            query_img, _ = load_image(store.resolve_path(rel))
         path = contact_sheet(store, results, query_img, a.sheet)
         print(f"contact sheet written to {path}", file=sys.stderr)
     return 0

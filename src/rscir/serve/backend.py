@@ -215,16 +215,9 @@ def open_backend(source: Any, **model_kwargs: Any) -> Backend:
     if is_pg_uri(source):
         return PgBackend(open_pg_searcher(source, **model_kwargs))
     if isinstance(source, str | os.PathLike):
-        from ..api import load_encoder_for_store
-        from ..store import Store
+        from ..api import open_searcher
 
-        store = Store.open(source)
-        try:
-            enc = load_encoder_for_store(store, **model_kwargs)
-        except Exception:
-            store.close()
-            raise
-        return EmbeddedBackend(Searcher(store, enc))
+        return EmbeddedBackend(open_searcher(source, **model_kwargs))
     if all(hasattr(source, a) for a in ("search", "items", "resolve", "info")):
         return source  # already a backend
     raise TypeError(f"cannot serve {type(source).__name__}: give a store directory, a "
