@@ -61,15 +61,21 @@ def register_patterncom(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.set_defaults(func=cmd_patterncom)
 
 
-def _text_cache_name(fingerprint: str) -> str:
-    return "texts-" + hashlib.sha256(fingerprint.encode()).hexdigest()[:16] + ".npz"
+def _store_text_encoder(st: Any, enc: Any) -> tuple[Any, Path]:
+    """Text embeddings by the store's model, cached in the store (one file per weights)."""
+    from ..bench.patterncom import cached_text_encoder
+
+    name = "texts-" + hashlib.sha256(enc.info.fingerprint.encode()).hexdigest()[:16] + ".npz"
+    cache = st.artifact_dir("patterncom") / name
+    return cached_text_encoder(enc.encode_texts, cache), cache
 
 
 def _inputs_from_model(a: argparse.Namespace, data: Path, out: Path) -> tuple[Any, Any, dict]:
     """Index (or reuse) the PatternNet images into a store and embed texts with the same model."""
     from ..api import index
-    from ..bench.patterncom import cached_text_encoder, load_database
+    from ..bench.patterncom import load_database
     from ..encoders.registry import default_registry
+    from ..store import Store
 
     images = data / "images"
     if not images.is_dir():
@@ -81,16 +87,15 @@ def _inputs_from_model(a: argparse.Namespace, data: Path, out: Path) -> tuple[An
     if rep.bad:
         print(f"warning: {len(rep.bad)} image(s) could not be read, e.g. {rep.bad[0].path}: "
               f"{rep.bad[0].reason}", file=sys.stderr)
-    from ..store import Store
-
-    cache = Store.open(store_dir).artifact_dir("patterncom") / _text_cache_name(enc.info.fingerprint)
+    with Store.open(store_dir) as st:
+        texts, cache = _store_text_encoder(st, enc)
     meta = {"model": enc.info.name, "arch": enc.info.arch, "store": str(store_dir),
             "text_cache": str(cache)}
-    return load_database(store_dir), cached_text_encoder(enc.encode_texts, cache), meta
+    return load_database(store_dir), texts, meta
 
 
 def _inputs_from_files(a: argparse.Namespace) -> tuple[Any, Any, dict]:
-    from ..bench.patterncom import cached_text_encoder, load_database, load_text_features
+    from ..bench.patterncom import load_database, load_text_features
 
     db = load_database(a.features)
     meta: dict[str, Any] = {"features": str(a.features)}
@@ -103,11 +108,11 @@ def _inputs_from_files(a: argparse.Namespace) -> tuple[Any, Any, dict]:
     from ..api import load_encoder_for_store
     from ..store import Store
 
-    st = Store.open(a.features)
-    enc = load_encoder_for_store(st, device=a.device)
-    cache = st.artifact_dir("patterncom") / _text_cache_name(enc.info.fingerprint)
+    with Store.open(a.features) as st:
+        enc = load_encoder_for_store(st, checkpoint=a.checkpoint, device=a.device)
+        texts, cache = _store_text_encoder(st, enc)
     meta.update(model=enc.info.name, text_cache=str(cache))
-    return db, cached_text_encoder(enc.encode_texts, cache), meta
+    return db, texts, meta
 
 
 def cmd_patterncom(a: argparse.Namespace) -> int:
