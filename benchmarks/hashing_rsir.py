@@ -38,6 +38,7 @@ import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
@@ -103,7 +104,7 @@ def ensure_classic_store(folder: Path, store_dir: Path, labels_csv: Path | None)
 
 def dataset_from_store(name: str, store: Store, multilabel: bool) -> Dataset:
     items = store.items
-    emb = np.asarray(store.embeddings, np.float32)
+    emb = np.array(store.embeddings, np.float32)  # a copy: the store's memmap is read-only
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     if multilabel:
         lists = items["labels"].tolist()
@@ -209,7 +210,7 @@ def scale_timing(ds: Dataset, a: argparse.Namespace) -> list[dict]:
     flat.add(big)
     base = {"dataset": ds.name, "encoder": ds.encoder_name, "n": n, "queries": len(q), "train": 0}
     rows = [{**base, "method": "float (cosine)", "bits": 32 * d, "bytes/img": 4 * d,
-             "flat µs/q": per_query_us(lambda flat=flat: flat.search(q, TOP), len(q), repeat=2)}]
+             "flat µs/q": per_query_us(lambda flat=flat: flat.search(q, TOP), len(q), repeat=2)[0]}]
     del flat
     for bits in a.bits:
         if bits > d:
@@ -221,20 +222,22 @@ def scale_timing(ds: Dataset, a: argparse.Namespace) -> list[dict]:
         for kind in ("flat", "mih"):
             ix = HammingIndex(bits, kind, nhash=mih_tables(bits, n)).add(codes)
             row[f"{kind} µs/q"] = per_query_us(lambda ix=ix, qc=qc: ix.search(qc, TOP), len(q),
-                                                  repeat=2)
+                                                  repeat=2)[0]
         rows.append(row)
         print(f"  scale {bits} bits: flat {row['flat µs/q']:.0f} µs/q, mih {row['mih µs/q']:.0f}",
               flush=True)
     return rows
 
 
-def per_query_us(fn: Callable[[], object], n_queries: int, repeat: int = 3) -> float:
-    best = np.inf
+def per_query_us(fn: Callable[[], Any], n_queries: int, repeat: int = 3) -> tuple[float, Any]:
+    """Best time per query in µs over ``repeat`` runs, and the last run's result (so the
+    timed call need not run again for its output)."""
+    best, out = np.inf, None
     for _ in range(repeat):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         best = min(best, time.perf_counter() - t0)
-    return 1e6 * best / n_queries
+    return 1e6 * best / n_queries, out
 
 
 def run_dataset(ds: Dataset, a: argparse.Namespace, regions: np.ndarray | None) -> list[dict]:
@@ -261,7 +264,7 @@ def run_dataset(ds: Dataset, a: argparse.Namespace, regions: np.ndarray | None) 
     flat = faiss.IndexFlatIP(emb.shape[1])
     flat.add(emb)
     m = evaluate(q @ emb.T, q_rows, rel, perm, ks)
-    t_float = per_query_us(lambda: flat.search(q, TOP + 1), len(q_rows))
+    t_float = per_query_us(lambda: flat.search(q, TOP + 1), len(q_rows))[0]
     rows.append({**base, "method": "float (cosine)", "bits": 32 * emb.shape[1],
                  "bytes/img": 4 * emb.shape[1], **m, "flat µs/q": t_float})
     print(f"  float baseline: mAP {m['mAP']:.3f}", flush=True)
@@ -289,16 +292,14 @@ def run_dataset(ds: Dataset, a: argparse.Namespace, regions: np.ndarray | None) 
             m = evaluate(-hamming_distances(qc, codes), q_rows, rel, perm, ks)
             row = {"method": method, "bits": bits, "bytes/img": bits // 8, **m, "fit s": t_fit}
             idx = HammingIndex(bits, "flat").add(codes)
-            row["flat µs/q"] = per_query_us(lambda idx=idx, qc=qc: idx.search(qc, TOP + 1),
-                                            len(q_rows))
-            _, cand = idx.search(qc, TOP + 1)
+            row["flat µs/q"], (_, cand) = per_query_us(
+                lambda idx=idx, qc=qc: idx.search(qc, TOP + 1), len(q_rows))
             rr, _ = rerank(emb, q, cand, TOP + 1)
             row["P@10 rr"] = precision_of_rows(rr, q_rows, rel, 10)
             for kind in ("mih", "hnsw"):
                 ix = HammingIndex(bits, kind, nhash=mih_tables(bits, n)).add(codes)
-                row[f"{kind} µs/q"] = per_query_us(lambda ix=ix, qc=qc: ix.search(qc, TOP + 1),
-                                                   len(q_rows))
-                _, found = ix.search(qc, TOP + 1)
+                row[f"{kind} µs/q"], (_, found) = per_query_us(
+                    lambda ix=ix, qc=qc: ix.search(qc, TOP + 1), len(q_rows))
                 row[f"P@10 {kind}"] = precision_of_rows(found, q_rows, rel, 10)
             rows.append({**base, **row})
             print(f"  {method:6s} {bits:4d} bits: mAP {m['mAP']:.3f} (fit {t_fit:.1f}s)",
@@ -317,8 +318,8 @@ def run_multicode(base: str, bits: int, regions: np.ndarray, train: np.ndarray,
     t_fit = time.perf_counter() - t0
     codes = mc.transform(regions)
     qc = codes[q_rows]
-    m = evaluate(-multicode_distances(qc, codes, "min"), q_rows, rel, perm, ks)
-    t = per_query_us(lambda: multicode_distances(qc, codes, "min"), len(q_rows), repeat=1)
+    t, dist = per_query_us(lambda: multicode_distances(qc, codes, "min"), len(q_rows), repeat=1)
+    m = evaluate(-dist, q_rows, rel, perm, ks)
     return {"method": f"mc-{base}", "bits": bits, "bytes/img": codes.shape[1] * bits // 8, **m,
             "fit s": t_fit, "flat µs/q": t}
 
