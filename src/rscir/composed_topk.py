@@ -46,6 +46,20 @@ class NeighborSource(Protocol):
         ...
 
 
+def chunked_similarities(
+    x: np.ndarray, q: np.ndarray, chunk_rows: int = 1 << 16, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """Inner products (Q, N) float32 of queries ``q`` with every row of ``x`` (or the given
+    sorted ``rows``), converting a chunk of rows at a time (float16 memmaps stay on disk)."""
+    q = np.atleast_2d(np.asarray(q, dtype=np.float32))
+    n = x.shape[0] if rows is None else len(rows)
+    out = np.empty((q.shape[0], n), np.float32)
+    for s in range(0, n, chunk_rows):
+        block = x[s : s + chunk_rows] if rows is None else x[rows[s : s + chunk_rows]]
+        out[:, s : s + block.shape[0]] = q @ np.asarray(block, np.float32).T
+    return out
+
+
 class ExactSource:
     """Brute-force stream: the exact top-``depth`` by inner product (chunked over the archive).
 
@@ -69,11 +83,7 @@ class ExactSource:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        n = self.ntotal
-        sims = np.empty((q.shape[0], n), np.float32)
-        for s in range(0, n, self.chunk_rows):
-            block = np.asarray(self.embeddings[s : s + self.chunk_rows], np.float32)
-            sims[:, s : s + block.shape[0]] = q @ block.T
+        sims = chunked_similarities(self.embeddings, q, self.chunk_rows)
         if len(self._cache) >= self._cache_size:
             self._cache.pop(next(iter(self._cache)))
         self._cache[key] = sims

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .ann import AnnIndex, is_stale, open_index, read_meta
-from .composed_topk import ExactSource, composed_topk
+from .composed_topk import ExactSource, chunked_similarities, composed_topk
 from .encoders.base import Encoder, ImageLike, l2_normalize
 from .moments import ArchiveMoments
 from .scoring import NEEDS_IMAGE, NEEDS_TEXT, QueryStats, check_lam, check_method, fuse, topk
@@ -234,14 +234,7 @@ class Searcher:
     def similarities(self, vecs: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Cosine similarities (Q, N) float32 of query vectors against every live item (or the
         given sorted ``rows``)."""
-        x = self.store.embeddings
-        q = np.atleast_2d(np.asarray(vecs, dtype=np.float32))
-        n = x.shape[0] if rows is None else len(rows)
-        out = np.empty((q.shape[0], n), np.float32)
-        for s in range(0, n, self.chunk_rows):
-            block = x[s : s + self.chunk_rows] if rows is None else x[rows[s : s + self.chunk_rows]]
-            out[:, s : s + block.shape[0]] = q @ np.asarray(block, np.float32).T
-        return out
+        return chunked_similarities(self.store.embeddings, vecs, self.chunk_rows, rows)
 
     def _pair_similarities(
         self, img: np.ndarray | None, txt: np.ndarray | None, method: str, rows: np.ndarray | None
