@@ -48,9 +48,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
             print(f"rscir serve: warning: listening on {a.host}, not loopback: anyone who can "
                   "reach this address can search the archive and read its images",
                   file=sys.stderr)
-        model_kwargs = {k: v for k, v in (("model", a.model), ("arch", a.arch),
-                                          ("checkpoint", a.checkpoint)) if v is not None}
-        app = create_app(a.source, cfg, device=a.device, **model_kwargs)
+        app = create_app(a.source, cfg, model=a.model, arch=a.arch, checkpoint=a.checkpoint,
+                         device=a.device)
         for name in ("rscir.serve", "uvicorn.error"):
             logging.getLogger(name).setLevel(logging.INFO)
         server = make_server(app, sock, graceful_s=a.graceful_timeout)

@@ -165,26 +165,22 @@ def _num(v: Any) -> float | None:
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
 
 
-def _item_out(r: Any) -> dict[str, Any]:
-    return {
+def _item_out(r: Any, *, size: bool = True) -> dict[str, Any]:
+    """An item's metadata (a row of ``itertuples``); ``size`` (file bytes) for /items only."""
+    out = {
         "id": int(r.id), "path": str(r.path), "label": None if r.label is None else str(r.label),
         "labels": [str(x) for x in r.labels], "lon": _num(r.lon), "lat": _num(r.lat),
-        "width": int(r.width), "height": int(r.height), "size": int(r.size),
+        "width": int(r.width), "height": int(r.height),
         "thumbnail": f"/items/{int(r.id)}/thumbnail",
     }
+    if size:
+        out["size"] = int(r.size)
+    return out
 
 
 def _records(items: Any) -> dict[int, dict[str, Any]]:
-    """Hit metadata by item id, from whole columns (no per-row pandas calls on the hot path)."""
-    cols = {c: items[c].tolist() for c in ("id", "path", "label", "labels", "lon", "lat", "width",
-                                             "height")}
-    out = {}
-    for iid, path, label, labels, lon, lat, w, h in zip(*cols.values(), strict=True):
-        out[int(iid)] = {"id": int(iid), "path": str(path),
-                         "label": None if label is None else str(label),
-                         "labels": [str(x) for x in labels], "lon": _num(lon), "lat": _num(lat),
-                         "width": int(w), "height": int(h), "thumbnail": f"/items/{int(iid)}/thumbnail"}
-    return out
+    """Hit metadata by item id."""
+    return {int(r.id): _item_out(r, size=False) for r in items.itertuples(index=False)}
 
 
 def _web_dir() -> pathlib.Path:
