@@ -406,3 +406,16 @@ def test_benchmark_script_smoke(tmp_path, monkeypatch):
     assert "float (cosine)" in (out / "hashing_rsir.md").read_text()
     assert mod.main(["--bits", "12", "--datasets", ""]) == 2
     assert mod.main(["--methods", "sh", "--datasets", ""]) == 2
+
+
+@pytest.mark.parametrize(("kernel", "floor"), [("rbf", np.exp(-0.5)), ("laplacian", np.exp(-1.0))])
+def test_gamma_heuristic_scales_the_kernel_to_the_data(kernel: str, floor: float) -> None:
+    """γ = 1/(2·mean ‖x−a‖²) (rbf) or 1/mean ‖x−a‖₁ (laplacian) makes γ·mean distance 1/2 or 1,
+    so by Jensen the mean kernel value is at least e^(−1/2) or e^(−1), whatever the dimension
+    and scale (a laplacian scaled by the L2 distance gave ~e^(−6) at d = 256)."""
+    from rscir.hashing.kernel import AnchorKernel
+
+    X = 7.0 * np.random.default_rng(0).normal(size=(400, 256))
+    ak = AnchorKernel.fit(X, 50, kernel, None, np.random.RandomState(0))
+    k = ak(X)
+    assert floor <= k.mean() < 1.0
