@@ -13,7 +13,8 @@ Four kinds, all by inner product on the L2-normalized embeddings (= cosine simil
   out-of-distribution queries: on the clustered benchmark archive (benchmarks/scale_search.py,
   100k items) composed WeiCom recall@10 stayed at 0.91–0.95 with efSearch up to 512, and some
   combined-query streams missed their true neighbours even at efSearch 2048; IVF reached 0.997
-  at nprobe 32 (at 1M items and 2,000 lists: 0.983 at nprobe 32, 0.994 at 64 with p50 9.8 ms).
+  at nprobe 32 (at 1M items and 2,000 lists: 0.983 at nprobe 32, 0.991 at 64 with p50 ~10 ms;
+  every miss at 64 is a row tied with the k-th exact score).
   So ``auto`` never picks it; ask for it with ``--kind hnsw``.
 * ``ivfpq`` — ``IndexIVFPQ`` (coarse k-means + product quantization, ~d/8 bytes per vector)
   for archives too large for RAM, with **exact re-ranking**: it returns ``rerank_factor``×
@@ -79,7 +80,7 @@ class AnnParams:
     nlist: int | None = None  # IVF lists; default ~2·√n
     pq_m: int | None = None  # PQ sub-quantizers; default d/8 (d/8 bytes per vector)
     pq_bits: int = 8
-    nprobe: int = 64  # 1M items, nlist 2000: recall@10 0.983 at 32, 0.994 at 64 (scale_search)
+    nprobe: int = 64  # 1M items, nlist 2000: recall@10 0.983 at 32, 0.991 at 64 (scale_search)
     rerank_factor: int = 4
     train_size: int = 65_536  # k-means sample (at least 40 per list)
     kmeans_iters: int = 10  # enough for list assignment; FAISS's 25 triples the build time
