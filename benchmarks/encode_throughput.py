@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rscir.encoders.registry import ModelSpec, default_registry
+from rscir.encoders import ModelSpec, default_registry
 from rscir.ingest import index_folder, scan_folder
 
 REPO = Path(__file__).resolve().parents[1]

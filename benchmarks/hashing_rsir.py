@@ -57,7 +57,7 @@ from rscir.hashing import (  # noqa: E402
     multicode_distances,
     rerank,
 )
-from rscir.store import Store  # noqa: E402
+from rscir.stores import Store  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_REFERENCE = (
@@ -91,7 +91,7 @@ def shared_data_dir() -> Path:
 def ensure_classic_store(folder: Path, store_dir: Path, labels_csv: Path | None) -> Store:
     """Open the classic-encoder store of ``folder``, indexing it first if it does not exist."""
     if not (store_dir / "manifest.json").exists():
-        from rscir.encoders.registry import load_encoder
+        from rscir.encoders import load_encoder
         from rscir.ingest import index_folder
 
         print(f"indexing {folder} with the classic encoder into {store_dir} ...", flush=True)
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         ucm_csv = data / CLASSIC_SETS["ucm16-ml"][1] if folder.startswith("ucm16") else None
         store = ensure_classic_store(data / folder, a.stores_dir / store_name, ucm_csv)
         if classic is None:
-            from rscir.encoders.registry import load_encoder
+            from rscir.encoders import load_encoder
 
             classic = load_encoder("classic")
         todo.append((dataset_from_store(name, store, csv is not None), classic))
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         enc: Encoder | None = None
         if not a.no_regions:
             try:
-                from rscir.encoders.registry import load_encoder
+                from rscir.encoders import load_encoder
 
                 enc = load_encoder(store.manifest.model.name, device="cpu")
                 if enc.info.fingerprint != store.manifest.model.fingerprint:

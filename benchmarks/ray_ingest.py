@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rscir.distributed.ray_ingest import index_folder_ray
-from rscir.encoders.registry import ModelRegistry, ModelSpec, default_registry
+from rscir.encoders import ModelRegistry, ModelSpec, default_registry
 from rscir.ingest import index_folder, scan_folder
-from rscir.store import Store
+from rscir.ingest.ray_data import index_folder_ray
+from rscir.stores import Store
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -136,7 +136,7 @@ def phase_generate(spec: ArchiveSpec, store_dir: str, out: Any) -> None:
     import pandas as pd
 
     from rscir.encoders.base import ModelInfo
-    from rscir.store import Store
+    from rscir.stores import Store
 
     t0 = time.perf_counter()
     emb = np.empty((spec.n, spec.dim), np.float16)
@@ -159,8 +159,8 @@ def phase_generate(spec: ArchiveSpec, store_dir: str, out: Any) -> None:
 
 
 def phase_build(store_dir: str, kind: str, params: dict[str, Any], threads: int, out: Any) -> None:
-    from rscir.ann import AnnParams, build_index, index_dir
-    from rscir.store import Store
+    from rscir.search.ann import AnnParams, build_index, index_dir
+    from rscir.stores import Store
 
     _limit_threads(threads)
     st = Store.open(store_dir)
@@ -185,7 +185,7 @@ def _timed(fn: Any, n: int) -> np.ndarray:
 
 def phase_search(store_dir: str, spec: ArchiveSpec, a: argparse.Namespace, out: Any) -> None:
     from rscir.search import Searcher, StreamParams
-    from rscir.store import Store
+    from rscir.stores import Store
 
     _limit_threads(a.threads)
     rss0 = _peak_rss_mb()
@@ -316,7 +316,7 @@ def main() -> None:
     res: dict[str, Any] = {"n": a.n, "dim": a.dim, "classes": classes, "threads": a.threads,
                            "load_avg_start": os.getloadavg()[0]}
     try:
-        from rscir.store import Store
+        from rscir.stores import Store
 
         reuse = False
         if a.reuse and (store_dir / "manifest.json").is_file():
@@ -332,7 +332,7 @@ def main() -> None:
         params = {"hnsw_m": a.hnsw_m, "ef_construction": a.ef_construction,
                   "ef_search": a.ef_search, "nprobe": a.nprobe, "rerank_factor": a.rerank_factor,
                   "nlist": a.nlist, "kmeans_iters": a.kmeans_iters, "seed": a.seed}
-        from rscir.ann import AnnParams, index_dir, is_stale, read_meta
+        from rscir.search.ann import AnnParams, index_dir, is_stale, read_meta
 
         st = Store.open(store_dir)
         meta = read_meta(st)

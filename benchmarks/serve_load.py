@@ -48,7 +48,7 @@ def build_store(base: Path, n: int, n_images: int, seed: int) -> Path:
     from PIL import Image
 
     from rscir.encoders import load_encoder
-    from rscir.store import Store
+    from rscir.stores import Store
 
     info = load_encoder("rscir-tiny", device="cpu").info
     rng = np.random.default_rng(seed)
@@ -144,7 +144,7 @@ def baseline(store_dir: Path, reqs: list[dict]) -> tuple[np.ndarray, list, float
 
     from rscir.encoders import load_encoder
     from rscir.search import Searcher
-    from rscir.store import Store
+    from rscir.stores import Store
 
     torch.set_num_threads(1)
     store = Store.open(store_dir)

@@ -7,7 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rscir.ann import (
+from rscir.cli import main
+from rscir.encoders.base import ModelInfo, l2_normalize
+from rscir.moments import query_stats
+from rscir.search.ann import (
     AnnIndex,
     AnnParams,
     StaleIndexError,
@@ -17,11 +20,8 @@ from rscir.ann import (
     open_index,
     read_meta,
 )
-from rscir.cli import main
-from rscir.composed_topk import ExactSource, composed_topk
-from rscir.encoders.base import ModelInfo, l2_normalize
-from rscir.moments import query_stats
-from rscir.store import Store
+from rscir.search.topk import ExactSource, composed_topk
+from rscir.stores import Store
 
 D = 32
 
@@ -71,7 +71,7 @@ def test_composed_topk_with_ann_streams(big: np.ndarray) -> None:
     rng = np.random.default_rng(1)
     qi = big[rng.integers(0, 12000, 10)].astype(np.float32)
     qt = big[rng.integers(0, 12000, 10)].astype(np.float32)
-    from rscir.store import Moments
+    from rscir.moments import Moments
 
     m = Moments.of(big)
     kw = {"img_stats": query_stats(qi, m), "txt_stats": query_stats(qt, m)}

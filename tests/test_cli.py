@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from rscir.cli import main
-from rscir.commands.core import parse_lams
+from rscir.cli.core import parse_lams
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rscir.composed_topk import ExactSource, _weicom_line_bound, composed_topk
 from rscir.encoders.base import l2_normalize
-from rscir.moments import query_stats
+from rscir.moments import Moments, query_stats
 from rscir.scoring import METHODS, fuse, topk
-from rscir.store import Moments
+from rscir.search.topk import ExactSource, _weicom_line_bound, composed_topk
 
 
 def _archive(n: int, d: int, seed: int, *, positive: bool = False) -> np.ndarray:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from rscir.encoders import ModelMismatchError, ModelUnavailableError, default_registry, load_encoder
+from rscir.encoders import default_registry, load_encoder
+from rscir.errors import ModelMismatchError, ModelUnavailableError
 
 
 def test_interface_contract(tiny_encoder) -> None:

@@ -383,7 +383,7 @@ def test_benchmark_script_smoke(tmp_path, monkeypatch):
     import pandas as pd
     from conftest import make_image_folder
 
-    from rscir.encoders.registry import load_encoder
+    from rscir.encoders import load_encoder
     from rscir.ingest import index_folder
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "hashing_rsir.py"

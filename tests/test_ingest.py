@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from rscir.ingest import ImageDecodeError, index_folder, load_image, read_label_csv
-from rscir.store import Store
+from rscir.stores import Store
 
 
 def seed_bad_files(folder: Path) -> dict[str, str]:

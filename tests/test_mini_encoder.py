@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from rscir.encoders import ModelMismatchError, ModelUnavailableError, default_registry, load_encoder
+from rscir.encoders import default_registry, load_encoder
 from rscir.encoders.mini import MiniEncoder, packaged_weights
+from rscir.errors import ModelMismatchError, ModelUnavailableError
 
 torch.set_num_threads(1)
 
@@ -49,8 +50,8 @@ def test_model_card_recipe_matches_the_shipped_weights() -> None:
     from safetensors import safe_open
 
     from rscir.cli import build_parser
-    from rscir.commands.train import configs
-    from rscir.train.towers import TowerConfig
+    from rscir.cli.train import configs
+    from rscir.encoders.towers import TowerConfig
 
     card = (Path(__file__).resolve().parents[1] / "docs" / "MODEL_CARD_rscir-mini.md").read_text()
     block = re.search(r"```bash\n(rscir train runs/rscir-mini .*?)```", card, re.S)

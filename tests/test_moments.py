@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from rscir.encoders.base import ModelInfo, l2_normalize
-from rscir.moments import ArchiveMoments, query_stats
+from rscir.moments import ArchiveMoments, Moments, query_stats
 from rscir.scoring import QueryStats, fuse
-from rscir.store import Moments, Store
+from rscir.stores import Store
 
 
 def _archive(n: int, d: int, seed: int) -> np.ndarray:

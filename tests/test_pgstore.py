@@ -18,8 +18,13 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from rscir.encoders.base import ModelInfo, ModelMismatchError, l2_normalize
-from rscir.pgstore import (
+from rscir.encoders.base import ModelInfo, l2_normalize
+from rscir.errors import ModelMismatchError, StoreError
+from rscir.moments import Moments
+from rscir.scoring import METHODS
+from rscir.search import ItemFilter, Searcher
+from rscir.stores import Store
+from rscir.stores.postgres.store import (
     PgSearcher,
     PgStore,
     _weicom_bound,
@@ -27,9 +32,6 @@ from rscir.pgstore import (
     redact_uri,
     split_uri,
 )
-from rscir.scoring import METHODS
-from rscir.search import ItemFilter, Searcher
-from rscir.store import Moments, Store, StoreError
 
 DIM = 16
 N = 600

@@ -21,16 +21,17 @@ import pytest
 from conftest import make_image_folder
 
 from rscir.cli import main
-from rscir.distributed.ray_ingest import (
+from rscir.encoders import ModelRegistry, default_registry
+from rscir.ingest import index_folder
+from rscir.ingest.ray_data import (
     BLOCK_BYTES,
     EncoderSpec,
     _block_rows,
     index_folder_ray,
     plan_placement,
 )
-from rscir.encoders.registry import ModelRegistry, default_registry
-from rscir.ingest import index_folder
-from rscir.store import Moments, Store
+from rscir.moments import Moments
+from rscir.stores import Store
 
 ray = pytest.importorskip("ray")
 
@@ -112,8 +113,8 @@ def assert_same_items(got: Store, ref: Store) -> None:
 # --------------------------------------------------------------------------- ucm16: kill + resume
 KILL_SCRIPT = r"""
 import sys, time
-from rscir.distributed.ray_ingest import index_folder_ray
-from rscir.encoders.registry import default_registry
+from rscir.ingest.ray_data import index_folder_ray
+from rscir.encoders import default_registry
 
 def slow_registry():  # a slow model, so the kill lands mid-run
     reg = default_registry()
@@ -261,7 +262,7 @@ def pg_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_pg_store(tmp_path: Path, ray_address: str, pg_uri: str, tiny_encoder) -> None:
-    from rscir.pgstore import PgStore
+    from rscir.stores.postgres import PgStore
 
     folder, reasons = _bad_archive(tmp_path / "a")
     sep = "&" if "?" in pg_uri else "?"

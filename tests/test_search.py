@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from rscir.encoders.base import ModelInfo, ModelMismatchError, l2_normalize
+from rscir.encoders.base import ModelInfo, l2_normalize
+from rscir.errors import ModelMismatchError
 from rscir.search import ItemFilter, Searcher
-from rscir.store import Store
+from rscir.stores import Store
 
 INFO = ModelInfo(name="m", arch="A", fingerprint="sha256:aa", dim=16)
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rscir import search as search_mod
-from rscir.ann import AnnParams, StaleIndexError, build_index
 from rscir.cli import main
 from rscir.encoders.base import ModelInfo, l2_normalize
 from rscir.scoring import METHODS, QueryStats
 from rscir.search import ItemFilter, Searcher, StreamParams
-from rscir.store import Store
+from rscir.search import searcher as search_mod
+from rscir.search.ann import AnnParams, StaleIndexError, build_index
+from rscir.stores import Store
 
 D = 24
 INFO = ModelInfo(name="m", arch="A", fingerprint="sha256:bb", dim=D)

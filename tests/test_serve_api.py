@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from rscir.search import ItemFilter, Searcher  # noqa: E402
 from rscir.serve import ServeConfig, create_app  # noqa: E402
-from rscir.store import Store  # noqa: E402
+from rscir.stores import Store  # noqa: E402
 
 SECRET = b"TOP-SECRET-OUTSIDE-THE-ARCHIVE"
 
@@ -495,7 +495,7 @@ def pg_client(request, archive, tiny_encoder):
     """The same archive in Postgres, served from its URI (as `rscir serve postgresql://...`)."""
     if pg_uri is None:
         pytest.skip("tests/test_pgstore.py's pg_uri fixture is unavailable")
-    from rscir.pgstore import PgStore
+    from rscir.stores.postgres import PgStore
 
     uri = with_schema(request.getfixturevalue("pg_uri"), "serve_api")
     st = PgStore.create(uri, tiny_encoder.info, archive["root"], dtype="float32")

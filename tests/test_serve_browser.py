@@ -23,7 +23,7 @@ from rscir.ingest import index_folder  # noqa: E402
 from rscir.search import Searcher  # noqa: E402
 from rscir.serve import create_app  # noqa: E402
 from rscir.serve.server import ServerThread  # noqa: E402
-from rscir.store import Store  # noqa: E402
+from rscir.stores import Store  # noqa: E402
 
 CHROMIUM = os.environ.get("RSCIR_CHROMIUM") or shutil.which("chromium") \
     or shutil.which("chromium-browser")

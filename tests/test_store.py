@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rscir.encoders.base import ModelInfo, ModelMismatchError, l2_normalize
-from rscir.store import Moments, Store, StoreError
+from rscir.encoders.base import ModelInfo, l2_normalize
+from rscir.errors import ModelMismatchError, StoreError
+from rscir.moments import Moments
+from rscir.stores import Store
 
 INFO = ModelInfo(name="m", arch="A", fingerprint="sha256:aa", dim=8)
 

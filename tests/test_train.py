@@ -17,6 +17,15 @@ from PIL import Image
 from sklearn.metrics import average_precision_score
 
 from rscir.cli import main
+from rscir.encoders.towers import (
+    PixelInput,
+    TowerConfig,
+    build_tower,
+    dihedral,
+    embed_cached,
+    export_tower,
+    load_tower,
+)
 from rscir.train.data import (
     PairSet,
     Vocabulary,
@@ -30,14 +39,11 @@ from rscir.train.loop import (
     TrainConfig,
     Trainer,
     contrastive_loss,
-    export_tower,
     load_inputs,
-    load_tower,
     make_split,
 )
 from rscir.train.metrics import evaluate_embeddings, image_map, recall_at_k
 from rscir.train.recipe import DataSources, prepare_pairs
-from rscir.train.towers import PixelInput, TowerConfig, build_tower, dihedral, embed_cached
 
 torch.set_num_threads(1)
 

@@ -12,12 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .encoders.base import Encoder, ModelUnavailableError
-from .encoders.registry import ModelRegistry, default_registry
-from .ingest import IndexReport, index_folder
-from .pgstore import is_pg_uri
-from .search import Searcher
-from .store import Store
+from .encoders.base import Encoder
+from .encoders.builtin import default_registry
+from .encoders.registry import ModelRegistry
+from .errors import ModelUnavailableError
+from .ingest.images import IndexReport, index_folder
+from .search.searcher import Searcher
+from .stores.directory import Store
+from .stores.postgres.store import is_pg_uri
 
 
 def load_encoder_for_store(
@@ -63,7 +65,7 @@ def open_searcher(
     """Open a store read-only together with its model (a directory, or a postgresql:// URI);
     ``strategy`` as in :class:`Searcher` (mapped to the Postgres search modes there)."""
     if is_pg_uri(store_dir):  # Postgres/pgvector store: rscir.pgstore (issue 7)
-        from .pgstore import open_pg_searcher
+        from .stores.postgres.store import open_pg_searcher
 
         return open_pg_searcher(str(store_dir), strategy=strategy, **model_kwargs)  # type: ignore[return-value]
     store = Store.open(store_dir)
@@ -89,7 +91,7 @@ def index(
     """Index or resume indexing ``folder`` into ``store_dir``. With an existing store and no
     model given, the store's own model is used."""
     if is_pg_uri(store_dir):  # Postgres/pgvector store: rscir.pgstore (issue 7)
-        from .pgstore import index_folder_pg
+        from .stores.postgres.store import index_folder_pg
 
         return index_folder_pg(folder, store_dir, model=model, arch=arch, checkpoint=checkpoint,  # type: ignore[arg-type]
                                device=device, encoder=encoder, **kwargs)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .search import SearchResult
-from .store import Store
+from .search.searcher import SearchResult
+from .stores.directory import Store
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -27,7 +27,7 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _thumb(path: Path, size: int) -> Image.Image:
-    from .ingest import ImageDecodeError, load_image
+    from .ingest.images import ImageDecodeError, load_image
 
     try:
         im, _ = load_image(path)

@@ -574,7 +574,7 @@ def load_database(path: str | os.PathLike[str]) -> Database:
     """Features from an rscir store directory or a reference pickle (``feats``, ``paths``)."""
     p = Path(path)
     if p.is_dir():
-        from ..store import Store
+        from ..stores.directory import Store
 
         st = Store.open(p)
         return Database(np.asarray(st.embeddings), st.items["path"].astype(str).tolist(), str(p))

@@ -259,7 +259,7 @@ def _text_encoder(
 ) -> tuple[Any, str]:
     """The store's encoder for captions, or None (with the reason) when it has no text tower."""
     from ..api import load_encoder_for_store
-    from ..encoders.base import ModelUnavailableError
+    from ..errors import ModelUnavailableError
 
     if model is None and checkpoint is None and store.manifest.model.backend == "classic":
         return None, f"model {store.manifest.model.name!r} has no text tower"
@@ -288,7 +288,7 @@ def evaluate_store(
     block: int = DEFAULT_BLOCK,
 ) -> StoreReport:
     """All the benchmarks that apply to one store."""
-    from ..store import Store
+    from ..stores.directory import Store
 
     if not Path(store_dir, "manifest.json").is_file():
         raise FileNotFoundError(f"no rscir store at {store_dir} (build one with `rscir index`)")

@@ -1,15 +1,14 @@
 """Encoders: one interface (``encode_images``/``encode_texts``) over model backends."""
 
-from .base import Encoder, ModelInfo, ModelMismatchError, ModelUnavailableError, l2_normalize
-from .registry import ModelRegistry, ModelSpec, default_registry, load_encoder
+from .base import Encoder, ModelInfo, l2_normalize
+from .builtin import default_registry, load_encoder
+from .registry import ModelRegistry, ModelSpec
 
 __all__ = [
     "Encoder",
     "ModelInfo",
-    "ModelMismatchError",
     "ModelRegistry",
     "ModelSpec",
-    "ModelUnavailableError",
     "default_registry",
     "l2_normalize",
     "load_encoder",

@@ -19,14 +19,6 @@ from PIL import Image
 ImageLike = Image.Image | np.ndarray
 
 
-class ModelUnavailableError(RuntimeError):
-    """The weights of a model cannot be obtained (offline hub, missing file); says how to fix."""
-
-
-class ModelMismatchError(RuntimeError):
-    """A store or checkpoint was built for another model than the one given."""
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     """What identifies a model's embedding space; stored in an index manifest."""

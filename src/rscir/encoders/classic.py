@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from ..errors import ModelUnavailableError
 from ..features.handcrafted import HandcraftedDescriptor, to_working_array
-from .base import Encoder, ImageLike, ModelInfo, ModelUnavailableError, l2_normalize
+from .base import Encoder, ImageLike, ModelInfo, l2_normalize
 
 if TYPE_CHECKING:
     from .registry import LoadOptions, ModelRegistry, ModelSpec

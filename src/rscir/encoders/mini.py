@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import Encoder, ModelInfo, ModelMismatchError, ModelUnavailableError, fingerprint_file
+from ..errors import ModelMismatchError, ModelUnavailableError
+from .base import Encoder, ModelInfo, fingerprint_file
 
 if TYPE_CHECKING:
     import torch
@@ -52,9 +53,8 @@ class MiniEncoder(Encoder):
     ) -> None:
         import torch
 
-        from ..train.loop import load_tower
-        from ..train.towers import MiniLMText
         from .openclip import resolve_device
+        from .towers import MiniLMText, load_tower
 
         try:
             tower, meta = load_tower(weights)

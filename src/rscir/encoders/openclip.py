@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Encoder, ModelInfo, ModelMismatchError, ModelUnavailableError, fingerprint_file
+from ..errors import ModelMismatchError, ModelUnavailableError
+from .base import Encoder, ModelInfo, fingerprint_file
 
 HF_HOST = "huggingface.co"
 

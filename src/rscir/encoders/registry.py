@@ -1,6 +1,7 @@
 """Named models and where their weights come from, in the spirit of open_clip's pretrained
-registry. A registry is a plain object built by :func:`default_registry` (no module state), so
-tests and applications can add their own models and backends."""
+registry: data only. A registry is a plain object (no module state); :mod:`.builtin` fills one
+with rscir's models and backends, and tests and applications can add their own. This module
+imports no backend, so backends can import it without a cycle."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .base import Encoder, ModelUnavailableError
+from ..errors import ModelUnavailableError
+from .base import Encoder
 
 
 @dataclass(frozen=True)
@@ -35,26 +37,6 @@ class LoadOptions:
 
 
 Loader = Callable[[ModelSpec, LoadOptions], Encoder]
-
-
-def _load_open_clip(spec: ModelSpec, opts: LoadOptions) -> Encoder:
-    from .openclip import OpenClipEncoder, OpenClipSource
-
-    src = OpenClipSource(
-        checkpoint=spec.checkpoint,
-        hub_repo=spec.hub_repo,
-        hub_file=spec.hub_file,
-        open_clip_tag=spec.open_clip_tag,
-        random_seed=spec.random_seed,
-    )
-    return OpenClipEncoder(
-        spec.name,
-        spec.arch,
-        src,
-        device=opts.device,
-        precision=opts.precision,
-        batch_size=opts.batch_size,
-    )
 
 
 REMOTECLIP_REPO = "chendelong/RemoteCLIP"
@@ -145,21 +127,3 @@ class ModelRegistry:
         if spec.backend not in self.loaders:
             raise ModelUnavailableError(f"no loader for backend {spec.backend!r}")
         return self.loaders[spec.backend](spec, LoadOptions(device, precision, batch_size))
-
-
-def default_registry() -> ModelRegistry:
-    """A fresh registry with the built-in models and backends."""
-    from . import classic, mini
-
-    reg = ModelRegistry()
-    reg.register_backend("open_clip", _load_open_clip)
-    for spec in BUILTIN_SPECS:
-        reg.register(spec)
-    mini.register(reg)
-    classic.register(reg)
-    return reg
-
-
-def load_encoder(name: str | None = None, **kwargs: Any) -> Encoder:
-    """Load a model by registry name, or ``arch=..., checkpoint=...`` for any open_clip model."""
-    return default_registry().load(name, **kwargs)

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from ..composed_topk import candidate_similarities
 from ..moments import ArchiveMoments, Moments
 from ..scoring import QueryStats, fuse, topk
+from ..search.topk import candidate_similarities
 from .base import (
     BaseHasher,
     _popcount_rows,

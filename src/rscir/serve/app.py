@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..scoring import METHODS, NEEDS_IMAGE, NEEDS_TEXT
-from ..search import ItemFilter
+from ..search.searcher import ItemFilter
 from .backend import LRU, Backend, open_backend
 from .middleware import AccessLog, BodyLimit, BodyTooLarge
 from .uploads import UploadError, decode_upload
@@ -285,7 +285,7 @@ class _Api:
     def thumbnail(self, item_id: int, size: int) -> bytes:
         from PIL import Image
 
-        from ..ingest import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+        from ..ingest.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 
         key = (item_id, size)
         hit = self.thumbs.get(key)
@@ -495,7 +495,7 @@ def _jsonable(d: Any) -> Any:
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 

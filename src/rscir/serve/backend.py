@@ -15,7 +15,7 @@ import pandas as pd
 from PIL import Image
 
 from ..encoders.base import Encoder
-from ..search import ItemFilter, Searcher
+from ..search.searcher import ItemFilter, Searcher
 
 V = TypeVar("V")
 
@@ -206,7 +206,7 @@ class PgBackend:
 
 def open_backend(source: Any, **model_kwargs: Any) -> Backend:
     """A backend from a store directory, a ``postgresql://`` URI, or an open searcher."""
-    from ..pgstore import PgSearcher, is_pg_uri, open_pg_searcher
+    from ..stores.postgres.store import PgSearcher, is_pg_uri, open_pg_searcher
 
     if isinstance(source, Searcher):
         return EmbeddedBackend(source)

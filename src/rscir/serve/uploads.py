@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ..ingest import ImageDecodeError, load_image
+from ..ingest.images import ImageDecodeError, load_image
 
 
 @dataclass

@@ -16,18 +16,19 @@ _WHERE = {
     "PairSet": "data", "Vocabulary": "data", "read_captions": "data",
     "read_class_folders": "data", "read_multilabels": "data",
     "TrainConfig": "loop", "Trainer": "loop", "contrastive_loss": "loop",
-    "export_tower": "loop", "load_tower": "loop",
+
     "evaluate_embeddings": "metrics", "image_map": "metrics", "recall_at_k": "metrics",
     "DataSources": "recipe", "train_tower": "recipe",
     "ImageTower": "towers", "MiniLMText": "towers", "TowerConfig": "towers",
-    "build_tower": "towers",
+    "build_tower": "towers", "export_tower": "towers", "load_tower": "towers",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name not in _WHERE:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    mod = "..encoders.towers" if _WHERE[name] == "towers" else f".{_WHERE[name]}"
+    return getattr(importlib.import_module(mod, __name__), name)
 
 
 __all__ = [

@@ -29,15 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..encoders.towers import ImageTower, embed_cached, export_tower
 from .data import PairSet, Vocabulary
 from .metrics import evaluate_embeddings
-from .towers import ImageTower, TowerConfig, build_tower, embed_cached
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.safetensors"
-WEIGHTS_FORMAT = "rscir-tower/1"
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,7 @@ class _DecodeDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return len(self.paths)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        from ..ingest import load_image
+        from ..ingest.images import load_image
 
         pil, _ = load_image(self.paths[i])
         return np.asarray(self.inp.load(pil))
@@ -474,58 +473,3 @@ class Trainer:
             **{k: json.dumps(v) if not isinstance(v, str) else v for k, v in (extra or {}).items()},
         }
         return export_tower(self.tower, path, text=self.text_info, meta=meta)
-
-
-def export_tower(
-    tower: ImageTower,
-    path: str | os.PathLike[str],
-    *,
-    text: dict[str, str] | None = None,
-    meta: dict[str, str] | None = None,
-) -> Path:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous().clone() for k, v in tower.state_dict().items()}
-    metadata = {
-        "format": WEIGHTS_FORMAT,
-        "tower": tower.config.to_json(),
-        "text_model": (text or {}).get("name", ""),
-        "text_fingerprint": (text or {}).get("fingerprint", ""),
-        **(meta or {}),
-    }
-    tmp = path.with_suffix(".tmp")
-    save_file(sd, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o644)  # a shipped/installed weights file, readable by all
-    os.replace(tmp, path)
-    return path
-
-
-def load_tower(path: str | os.PathLike[str]) -> tuple[ImageTower, dict[str, str]]:
-    """Rebuild an exported tower (safetensors, no pickle) and return it with its metadata."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = str(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tower weights not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as e:  # noqa: BLE001 - any parse failure means "not our file"
-        raise ValueError(f"{path} is not a safetensors file written by rscir train ({e})") from e
-    if meta.get("format") != WEIGHTS_FORMAT or "tower" not in meta:
-        raise ValueError(f"{path} is not an rscir tower file (format {meta.get('format')!r})")
-    cfg = TowerConfig.from_json(meta["tower"])
-    if cfg.kind == "open_clip" and cfg.init_checkpoint:
-        cfg = TowerConfig(**{**asdict(cfg), "init_checkpoint": None})  # weights come from the file
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        tower = build_tower(cfg)
-    sd = load_file(path, device="cpu")
-    try:
-        tower.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the tower they describe: {e}") from e
-    return tower.eval(), meta

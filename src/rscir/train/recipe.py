@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..encoders.towers import MiniLMText, TowerConfig, build_tower
 from .data import (
     DEFAULT_MULTILABEL_TEMPLATE,
     DEFAULT_TEMPLATES,
@@ -25,7 +26,6 @@ from .data import (
 )
 from .loop import MODEL_NAME, History, TrainConfig, Trainer, load_inputs, make_split
 from .loop import embed_vocabulary as _embed_vocabulary
-from .towers import MiniLMText, TowerConfig, build_tower
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def heldout_set(src: DataSources) -> PairSet:
 def evaluate_encoder(encoder: Any, pairs: PairSet, batch_size: int = 64) -> dict[str, Any]:
     """Held-out numbers for any :class:`~rscir.encoders.Encoder`; image-only encoders (no text
     tower) get image-to-image mAP only."""
-    from ..ingest import load_image
+    from ..ingest.images import load_image
     from .metrics import evaluate_embeddings
 
     embs = []

@@ -85,7 +85,7 @@ def cmd_index(a: argparse.Namespace) -> int:
     if a.batch_size < 1 or a.segment_size < 1:
         raise ValueError("--batch-size and --segment-size must be >= 1")
     if a.ray is not None:
-        from ..distributed.ray_ingest import index_from_args
+        from ..ingest.ray_data import index_from_args
 
         rep = index_from_args(a)
     else:
@@ -107,7 +107,7 @@ def cmd_search(a: argparse.Namespace) -> int:
     from PIL import Image
 
     from ..api import open_searcher
-    from ..ingest import load_image
+    from ..ingest.images import load_image
     from ..sheet import contact_sheet
 
     if a.k < 1:
@@ -149,8 +149,8 @@ def cmd_search(a: argparse.Namespace) -> int:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from ..pgstore import PgStore, is_pg_uri
-    from ..store import Store
+    from ..stores.directory import Store
+    from ..stores.postgres.store import PgStore, is_pg_uri
 
     with PgStore.open(a.store) if is_pg_uri(a.store) else Store.open(a.store) as store:
         info = store.info()
@@ -166,7 +166,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_models(a: argparse.Namespace) -> int:
-    from ..encoders.registry import default_registry
+    from ..encoders.builtin import default_registry
 
     reg = default_registry()
     for name in reg.names():

@@ -31,7 +31,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .scoring import NEEDS_IMAGE, NEEDS_TEXT, QueryStats, check_lam, check_method, fuse, topk
+from ..scoring import NEEDS_IMAGE, NEEDS_TEXT, QueryStats, check_lam, check_method, fuse, topk
 
 
 class NeighborSource(Protocol):

@@ -42,10 +42,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .composed_topk import candidate_similarities
+from ..errors import StaleIndexError
+from .topk import candidate_similarities
 
 if TYPE_CHECKING:
-    from .store import Store
+    from ..stores.directory import Store
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,6 @@ INDEX_FILE = "index.faiss"
 META_FILE = "meta.json"
 FLAT_MAX = 100_000
 IVF_MAX = 5_000_000  # float16 vectors of 5M × 512 take 5 GB of RAM; compressed codes beyond
-
-
-class StaleIndexError(RuntimeError):
-    """The ANN index was built from an older generation of the store."""
 
 
 def choose_kind(n: int) -> str:

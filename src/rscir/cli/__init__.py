@@ -7,8 +7,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .commands import ann, bench, core, serve, train
+from .._version import __version__
+from . import ann, bench, core, serve, train
 
 COMMAND_MODULES = (core, bench, train, ann, serve)
 
@@ -53,6 +53,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     return int(rc or 0)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

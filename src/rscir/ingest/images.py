@@ -23,18 +23,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .encoders.base import Encoder
-from .store import Store
+from ..encoders.base import Encoder
+from ..errors import ImageDecodeError
+from ..stores.directory import Store
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"})
 TIFF_EXTS = frozenset({".tif", ".tiff"})
 DEFAULT_MAX_PIXELS = 100_000_000  # ~10k × 10k; larger files are treated as decompression bombs
-
-
-class ImageDecodeError(ValueError):
-    """A file could not be turned into an RGB image; the message is the reason."""
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,13 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from ..encoders.base import Encoder, ModelInfo, ModelMismatchError
-from ..encoders.registry import ModelRegistry, default_registry
-from ..ingest import (
+from ..encoders.base import Encoder, ModelInfo
+from ..encoders.builtin import default_registry
+from ..encoders.registry import ModelRegistry
+from ..errors import ModelMismatchError
+from ..stores.directory import Store
+from ..stores.postgres.store import is_pg_uri
+from .images import (
     DEFAULT_MAX_PIXELS,
     BadFile,
     FileEntry,
@@ -52,8 +56,6 @@ from ..ingest import (
     read_label_csv,
     scan_folder,
 )
-from ..pgstore import is_pg_uri
-from ..store import Store
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +309,7 @@ def open_sink(
     """(store-like, opened here?) for a store directory or an already open store-like."""
     if isinstance(store, str | os.PathLike):
         if is_pg_uri(store):
-            from ..pgstore import PgStore
+            from ..stores.postgres.store import PgStore
 
             return PgStore.open_or_create(str(store), info, root, dtype=dtype), True
         return Store.open_or_create(store, info, root, dtype=dtype), True
@@ -320,7 +322,7 @@ def open_sink(
 def _existing_model(store: str | os.PathLike[str] | ItemSink) -> ModelInfo | None:
     """The model of an existing store (directory, postgresql:// URI or open store), else None."""
     if isinstance(store, str) and is_pg_uri(store):
-        from ..pgstore import PgStore
+        from ..stores.postgres.store import PgStore
 
         if not PgStore.exists(store):
             return None

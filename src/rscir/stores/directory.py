@@ -30,17 +30,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import __version__
-from .encoders.base import ModelInfo, ModelMismatchError
-from .moments import Moments
+from .._version import __version__
+from ..encoders.base import ModelInfo
+from ..errors import ModelMismatchError, StoreError
+from ..moments import Moments
 
 FORMAT_VERSION = 1
 ITEM_COLUMNS = ("id", "path", "size", "mtime_ns", "width", "height", "label", "labels", "lon", "lat")
 DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-class StoreError(RuntimeError):
-    """A store cannot be opened or written (missing, corrupt, locked, wrong model)."""
 
 
 @dataclass(frozen=True)

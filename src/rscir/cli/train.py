@@ -112,8 +112,8 @@ def _sources(args: argparse.Namespace) -> Any:
 def configs(args: argparse.Namespace) -> tuple[Any, Any]:
     """(TowerConfig, TrainConfig) of parsed ``rscir train`` arguments (what the exported
     weights record, so a recipe can be checked against them)."""
+    from ..encoders.towers import TowerConfig
     from ..train.loop import TrainConfig
-    from ..train.towers import TowerConfig
 
     tower = TowerConfig(
         kind=args.tower, embed_dim=384, image_size=args.image_size, pad=args.pad,

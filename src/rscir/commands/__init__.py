@@ -1,1 +1,0 @@
-"""Subcommand modules of the rscir CLI; each exposes ``register(subparsers)``."""
