@@ -57,7 +57,7 @@ from rscir.hashing import (  # noqa: E402
     multicode_distances,
     rerank,
 )
-from rscir.stores import Store  # noqa: E402
+from rscir.stores import DirectoryStore  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_REFERENCE = (
@@ -79,7 +79,7 @@ class Dataset:
     emb: np.ndarray  # (n, d) float32, L2-normalized
     y: np.ndarray  # (n,) class index, or (n, L) 0/1 multi-labels
     multilabel: bool
-    store: Store
+    store: DirectoryStore
     encoder_name: str
 
 
@@ -88,7 +88,7 @@ def shared_data_dir() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
-def ensure_classic_store(folder: Path, store_dir: Path, labels_csv: Path | None) -> Store:
+def ensure_classic_store(folder: Path, store_dir: Path, labels_csv: Path | None) -> DirectoryStore:
     """Open the classic-encoder store of ``folder``, indexing it first if it does not exist."""
     if not (store_dir / "manifest.json").exists():
         from rscir.encoders import load_encoder
@@ -99,10 +99,10 @@ def ensure_classic_store(folder: Path, store_dir: Path, labels_csv: Path | None)
             folder, store_dir, load_encoder("classic"), labels="folder", labels_csv=labels_csv,
             num_workers=1, progress=False,
         )
-    return Store.open(store_dir)
+    return DirectoryStore.open(store_dir)
 
 
-def dataset_from_store(name: str, store: Store, multilabel: bool) -> Dataset:
+def dataset_from_store(name: str, store: DirectoryStore, multilabel: bool) -> Dataset:
     items = store.items
     emb = np.array(store.embeddings, np.float32)  # a copy: the store's memmap is read-only
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             classic = load_encoder("classic")
         todo.append((dataset_from_store(name, store, csv is not None), classic))
     for sd in a.store:
-        store = Store.open(sd)
+        store = DirectoryStore.open(sd)
         enc: Encoder | None = None
         if not a.no_regions:
             try:

@@ -26,7 +26,7 @@ import numpy as np
 from rscir.encoders import ModelRegistry, ModelSpec, default_registry
 from rscir.ingest import index_folder, scan_folder
 from rscir.ingest.ray_data import index_folder_ray
-from rscir.stores import Store
+from rscir.stores import DirectoryStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def main() -> None:
             ray.shutdown()
         assert rep_local.embedded == rep_ray.embedded == n, (rep_local.summary(),
                                                              rep_ray.summary())
-        loc, dis = Store.open(tmp / "local"), Store.open(tmp / "ray")
+        loc, dis = DirectoryStore.open(tmp / "local"), DirectoryStore.open(tmp / "ray")
         rows = dis.rows_for_paths(loc.items["path"].tolist())
         diff = np.abs(np.asarray(loc.embeddings, np.float32)
                       - np.asarray(dis.embeddings, np.float32)[rows]).max()

@@ -136,7 +136,7 @@ def phase_generate(spec: ArchiveSpec, store_dir: str, out: Any) -> None:
     import pandas as pd
 
     from rscir.encoders.base import ModelInfo
-    from rscir.stores import Store
+    from rscir.stores import DirectoryStore
 
     t0 = time.perf_counter()
     emb = np.empty((spec.n, spec.dim), np.float16)
@@ -153,17 +153,17 @@ def phase_generate(spec: ArchiveSpec, store_dir: str, out: Any) -> None:
         "label": [f"c{c:04d}" for c in labels],
         "labels": [[f"a{c:02d}"] for c in attributes],
     })
-    with Store.create(store_dir, info, Path(store_dir).parent) as st:
+    with DirectoryStore.create(store_dir, info, Path(store_dir).parent) as st:
         st.add(emb, items)
     out.put({"generate_s": time.perf_counter() - t0, "generate_peak_rss_mb": _peak_rss_mb()})
 
 
 def phase_build(store_dir: str, kind: str, params: dict[str, Any], threads: int, out: Any) -> None:
     from rscir.search.ann import AnnParams, build_index, index_dir
-    from rscir.stores import Store
+    from rscir.stores import DirectoryStore
 
     _limit_threads(threads)
-    st = Store.open(store_dir)
+    st = DirectoryStore.open(store_dir)
     t0 = time.perf_counter()
     idx = build_index(st, kind, AnnParams(**params))
     out.put({
@@ -185,25 +185,25 @@ def _timed(fn: Any, n: int) -> np.ndarray:
 
 def phase_search(store_dir: str, spec: ArchiveSpec, a: argparse.Namespace, out: Any) -> None:
     from rscir.search import Searcher, StreamParams
-    from rscir.stores import Store
+    from rscir.stores import DirectoryStore
 
     _limit_threads(a.threads)
     rss0 = _peak_rss_mb()
-    st = Store.open(store_dir)
+    st = DirectoryStore.open(store_dir)
     x = st.embeddings
     rng = np.random.default_rng([spec.seed, 3])
     qrows = rng.choice(len(st), a.queries, replace=False)
     qi = np.asarray(x[qrows], np.float32)
     qattr = np.array([int(v[0][1:]) for v in st.items["labels"].iloc[qrows]])
     qt = text_vectors(spec, qattr, seed=1, mode=a.text_mode)
-    excl = [int(r) for r in qrows]
+    excl = [int(i) for i in st.ids[qrows]]  # the query items, by id
     k, lam = a.k, a.lam
 
     brute = Searcher(st, None, strategy="brute")
     params = StreamParams(start_depth=a.start_depth, max_depth=a.max_depth)
     ann = Searcher(st, None, strategy="ann", stream=params)
     t0 = time.perf_counter()
-    idx = ann.ann_index()
+    idx = ann.strategy("ann").index()  # type: ignore[attr-defined]
     # search breadth is a query-time setting: tune it without rebuilding
     idx.params = replace(idx.params, ef_search=a.ef_search, nprobe=a.nprobe)
     load_s = time.perf_counter() - t0
@@ -214,22 +214,22 @@ def phase_search(store_dir: str, spec: ArchiveSpec, a: argparse.Namespace, out: 
     for s in range(0, a.queries, 16):
         sl = slice(s, s + 16)
         gt[sl], gt_scores[sl] = brute.search_vectors(qi[sl], qt[sl], "weicom", lam, k,
-                                                      exclude_rows=excl[sl])
+                                                      exclude_ids=excl[sl])
     # warm-up (page cache, lazy loads) then one query at a time, as an interactive user would
     for i in range(min(3, a.queries)):
-        ann.search_vectors(qi[i : i + 1], qt[i : i + 1], "weicom", lam, k, exclude_rows=[excl[i]])
+        ann.search_vectors(qi[i : i + 1], qt[i : i + 1], "weicom", lam, k, exclude_ids=[excl[i]])
     got = np.empty((a.queries, k), np.int64)
     got_scores = np.empty((a.queries, k))
 
     def one_ann(i: int) -> None:
         got[i], got_scores[i] = ann.search_vectors(qi[i : i + 1], qt[i : i + 1], "weicom", lam, k,
-                                                   exclude_rows=[excl[i]])
+                                                   exclude_ids=[excl[i]])
 
     ann_ms = _timed(one_ann, a.queries)
     nb = min(a.baseline_queries, a.queries)
     brute_ms = _timed(
         lambda i: brute.search_vectors(qi[i : i + 1], qt[i : i + 1], "weicom", lam, k,
-                                       exclude_rows=[excl[i]]),
+                                       exclude_ids=[excl[i]]),
         nb,
     )
     recall = np.mean([len(set(g) & set(r)) / k for g, r in zip(gt, got, strict=True)])
@@ -316,11 +316,11 @@ def main() -> None:
     res: dict[str, Any] = {"n": a.n, "dim": a.dim, "classes": classes, "threads": a.threads,
                            "load_avg_start": os.getloadavg()[0]}
     try:
-        from rscir.stores import Store
+        from rscir.stores import DirectoryStore
 
         reuse = False
         if a.reuse and (store_dir / "manifest.json").is_file():
-            st = Store.open(store_dir)
+            st = DirectoryStore.open(store_dir)
             reuse = st.manifest.model.fingerprint == spec.fingerprint() and len(st) == a.n
             if not reuse:
                 raise SystemExit(f"{store_dir} holds another archive; use another --workdir")
@@ -334,7 +334,7 @@ def main() -> None:
                   "nlist": a.nlist, "kmeans_iters": a.kmeans_iters, "seed": a.seed}
         from rscir.search.ann import AnnParams, index_dir, is_stale, read_meta
 
-        st = Store.open(store_dir)
+        st = DirectoryStore.open(store_dir)
         meta = read_meta(st)
         want = AnnParams(**params).resolved(a.n, a.dim)
         same = meta is not None and not is_stale(st, meta) and all(

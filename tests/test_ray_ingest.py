@@ -22,6 +22,7 @@ from conftest import make_image_folder
 
 from rscir.cli import main
 from rscir.encoders import ModelRegistry, default_registry
+from rscir.errors import RscirError
 from rscir.ingest import index_folder
 from rscir.ingest.ray_data import (
     BLOCK_BYTES,
@@ -31,7 +32,7 @@ from rscir.ingest.ray_data import (
     plan_placement,
 )
 from rscir.moments import Moments
-from rscir.stores import Store
+from rscir.stores import DirectoryStore
 
 ray = pytest.importorskip("ray")
 
@@ -47,7 +48,7 @@ def test_plan_placement() -> None:
     assert plan_placement({"CPU": 2.0}).encoders == 1  # the other core decodes
     assert plan_placement({"CPU": 8.0}, cpus_per_encoder=2.0).encoders == 2
     assert plan_placement({"CPU": 8.0}, num_encoders=3).encoders == 3
-    with pytest.raises(RuntimeError, match="no GPUs"):
+    with pytest.raises(RscirError, match="no GPUs"):
         plan_placement({"CPU": 8.0}, device="cuda")
     with pytest.raises(ValueError):
         plan_placement({"CPU": 8.0}, num_encoders=0)
@@ -84,14 +85,14 @@ def ucm16(shared_data: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local_ucm16(tmp_path_factory: pytest.TempPathFactory, ucm16: Path, tiny_encoder) -> Store:
+def local_ucm16(tmp_path_factory: pytest.TempPathFactory, ucm16: Path, tiny_encoder) -> DirectoryStore:
     """The single-process reference store of ucm16 with rscir-tiny."""
     d = tmp_path_factory.mktemp("local") / "s"
     index_folder(ucm16, d, tiny_encoder, num_workers=1, progress=False)
-    return Store.open(d)
+    return DirectoryStore.open(d)
 
 
-def assert_same_items(got: Store, ref: Store) -> None:
+def assert_same_items(got: DirectoryStore, ref: DirectoryStore) -> None:
     """Same rows by path (metadata and embeddings to float16 tolerance) and merged moments."""
     rows = ref.rows_for_paths(got.items["path"].tolist())
     assert (rows >= 0).all(), "an item the reference does not have"
@@ -137,7 +138,7 @@ index_folder_ray(sys.argv[1], sys.argv[2], model="rscir-tiny", address=sys.argv[
 
 @pytest.mark.realdata
 def test_ray_index_resumes_after_driver_killed_and_equals_local(
-    tmp_path: Path, ray_address: str, ucm16: Path, local_ucm16: Store, capsys
+    tmp_path: Path, ray_address: str, ucm16: Path, local_ucm16: DirectoryStore, capsys
 ) -> None:
     """`--ray` indexing of ucm16, its driver killed (-9) mid-run and rerun from the CLI, gives
     the single-process store: the same items and embeddings, none lost, none twice."""
@@ -155,7 +156,7 @@ def test_ray_index_resumes_after_driver_killed_and_equals_local(
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    partial = len(Store.open(store))
+    partial = len(DirectoryStore.open(store))
     assert 0 < partial < 1600
 
     rc = main(["index", str(ucm16), "--store", str(store), "--ray", ray_address,
@@ -164,7 +165,7 @@ def test_ray_index_resumes_after_driver_killed_and_equals_local(
     rep = json.loads(capsys.readouterr().out)
     assert rep["already_indexed"] == partial and rep["embedded"] == 1600 - partial
     assert rep["bad"] == [] and rep["total_items"] == 1600
-    st = Store.open(store)
+    st = DirectoryStore.open(store)
     assert len(st) == len(local_ucm16) == 1600 and st.items["path"].is_unique
     assert sorted(st.ids.tolist()) == list(range(1600))
     assert st.info()["segments"] == 1  # compacted after the run, like the local path
@@ -203,7 +204,7 @@ def test_bad_files_reported_and_skipped(tmp_path: Path, ray_address: str, tiny_e
     assert sorted(csv["path"]) == sorted(reasons)
 
     index_folder(folder, tmp_path / "local", tiny_encoder, num_workers=0, progress=False)
-    assert_same_items(Store.open(store), Store.open(tmp_path / "local"))
+    assert_same_items(DirectoryStore.open(store), DirectoryStore.open(tmp_path / "local"))
 
 
 # --------------------------------------------------------------------------- worker dies
@@ -241,28 +242,15 @@ def test_encoder_actor_dies_nothing_lost(tmp_path: Path, ray_address: str, tiny_
                            registry_factory=functools.partial(dying_registry, str(marker)))
     assert marker.exists(), "the encoder never died: the test did not test anything"
     assert rep.embedded == 24 and not rep.bad
-    st = Store.open(tmp_path / "s")
+    st = DirectoryStore.open(tmp_path / "s")
     assert sorted(st.ids.tolist()) == list(range(24))
     index_folder(folder, tmp_path / "local", tiny_encoder, num_workers=0, progress=False)
-    assert_same_items(st, Store.open(tmp_path / "local"))
+    assert_same_items(st, DirectoryStore.open(tmp_path / "local"))
 
 
 # --------------------------------------------------------------------------- Postgres store
-@pytest.fixture(scope="module")
-def pg_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    pgserver = pytest.importorskip("pgserver", reason="needs pgserver for a local Postgres")
-    try:
-        srv = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
-    except Exception as e:  # noqa: BLE001 - any failure to start is a reason to skip
-        pytest.skip(f"cannot start a local Postgres: {e}")
-    try:
-        yield srv.get_uri()
-    finally:
-        srv.cleanup()
-
-
 def test_pg_store(tmp_path: Path, ray_address: str, pg_uri: str, tiny_encoder) -> None:
-    from rscir.stores.postgres import PgStore
+    from rscir.stores.postgres import PostgresStore
 
     folder, reasons = _bad_archive(tmp_path / "a")
     sep = "&" if "?" in pg_uri else "?"
@@ -271,8 +259,8 @@ def test_pg_store(tmp_path: Path, ray_address: str, pg_uri: str, tiny_encoder) -
                            segment_size=4, progress=False)
     assert rep.embedded == 9 and sorted(b.path for b in rep.bad) == sorted(reasons)
     index_folder(folder, tmp_path / "local", tiny_encoder, num_workers=0, progress=False)
-    with PgStore.open(uri) as pg:
-        assert_same_items(pg, Store.open(tmp_path / "local"))  # type: ignore[arg-type]
+    with PostgresStore.open(uri) as pg:
+        assert_same_items(pg, DirectoryStore.open(tmp_path / "local"))  # type: ignore[arg-type]
         assert pg.has_hnsw()  # the pipeline finished the bulk load
     for path in reasons:  # without bad files a resume has nothing to decode: no pipeline
         (folder / path).unlink()

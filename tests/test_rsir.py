@@ -228,9 +228,9 @@ def test_end_to_end_on_real_images(shared_data: Path, tiny_encoder, tmp_path: Pa
     assert t["n_items"] == n and t["single_label"]["n_queries"] == n
     assert t["single_label"]["n_classes"] == 4
     # image tables equal scikit-learn on the stored embeddings (float16, as stored)
-    from rscir.stores import Store
+    from rscir.stores import DirectoryStore
 
-    with Store.open(tiny) as st:
+    with DirectoryStore.open(tiny) as st:
         ref = image_map(np.asarray(st.embeddings, np.float32), st.items["label"].tolist())
     assert t["single_label"]["mAP"] == pytest.approx(ref, abs=1e-5)
     assert t["multi_label"]["n_items"] == n and t["multi_label"]["n_labels"] == 17

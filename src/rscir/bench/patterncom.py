@@ -574,9 +574,9 @@ def load_database(path: str | os.PathLike[str]) -> Database:
     """Features from an rscir store directory or a reference pickle (``feats``, ``paths``)."""
     p = Path(path)
     if p.is_dir():
-        from ..stores.directory import Store
+        from ..stores.directory import DirectoryStore
 
-        st = Store.open(p)
+        st = DirectoryStore.open(p)
         return Database(np.asarray(st.embeddings), st.items["path"].astype(str).tolist(), str(p))
     if not p.is_file():
         raise FileNotFoundError(f"features file {p} does not exist")

@@ -288,11 +288,11 @@ def evaluate_store(
     block: int = DEFAULT_BLOCK,
 ) -> StoreReport:
     """All the benchmarks that apply to one store."""
-    from ..stores.directory import Store
+    from ..stores.directory import DirectoryStore
 
     if not Path(store_dir, "manifest.json").is_file():
         raise FileNotFoundError(f"no rscir store at {store_dir} (build one with `rscir index`)")
-    store = Store.open(store_dir)
+    store = DirectoryStore.open(store_dir)
     try:
         items = store.items
         emb = np.asarray(store.embeddings, dtype=np.float32)

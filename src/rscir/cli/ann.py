@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import InvalidArgumentError
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add this module's subcommands to the rscir parser."""
@@ -37,18 +39,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def cmd_build_ann(a: argparse.Namespace) -> int:
     from ..search.ann import AnnParams, build_index, index_dir, is_stale, read_meta
-    from ..stores.directory import Store
+    from ..stores.directory import DirectoryStore
+    from ..stores.uri import open_store
 
     for name in ("hnsw_m", "ef_construction", "ef_search", "nprobe", "rerank_factor"):
         if getattr(a, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be >= 1")
     if a.nlist is not None and a.nlist < 1 or a.pq_m is not None and a.pq_m < 1:
-        raise ValueError("--nlist and --pq-m must be >= 1")
-    store = Store.open(a.store)
+        raise InvalidArgumentError("--nlist and --pq-m must be >= 1")
+    store = open_store(a.store)
+    if not isinstance(store, DirectoryStore):
+        store.close()
+        raise InvalidArgumentError(
+            f"{store.location} is a {store.backend} store: its index (HNSW) is built by "
+            "`rscir index`; build-ann makes FAISS indexes for directory stores")
     if len(store) == 0:
-        raise ValueError(f"store {a.store} is empty: index some images first")
+        raise InvalidArgumentError(f"store {a.store} is empty: index some images first")
     if a.pq_m is not None and store.dim % a.pq_m:
-        raise ValueError(f"--pq-m {a.pq_m} must divide the embedding dimension {store.dim}")
+        raise InvalidArgumentError(f"--pq-m {a.pq_m} must divide the embedding dimension {store.dim}")
     if a.threads is not None:
         import faiss
 

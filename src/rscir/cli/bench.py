@@ -75,7 +75,7 @@ def _inputs_from_model(a: argparse.Namespace, data: Path, out: Path) -> tuple[An
     from ..api import index
     from ..bench.patterncom import load_database
     from ..encoders.builtin import default_registry
-    from ..stores.directory import Store
+    from ..stores.directory import DirectoryStore
 
     images = data / "images"
     if not images.is_dir():
@@ -87,7 +87,7 @@ def _inputs_from_model(a: argparse.Namespace, data: Path, out: Path) -> tuple[An
     if rep.bad:
         print(f"warning: {len(rep.bad)} image(s) could not be read, e.g. {rep.bad[0].path}: "
               f"{rep.bad[0].reason}", file=sys.stderr)
-    with Store.open(store_dir) as st:
+    with DirectoryStore.open(store_dir) as st:
         texts, cache = _store_text_encoder(st, enc)
     meta = {"model": enc.info.name, "arch": enc.info.arch, "store": str(store_dir),
             "text_cache": str(cache)}
@@ -106,9 +106,9 @@ def _inputs_from_files(a: argparse.Namespace) -> tuple[Any, Any, dict]:
         raise ValueError("--text-features is required unless --features is an rscir store")
     # A store knows its model: embed the texts with it (cached in the store).
     from ..api import load_encoder_for_store
-    from ..stores.directory import Store
+    from ..stores.directory import DirectoryStore
 
-    with Store.open(a.features) as st:
+    with DirectoryStore.open(a.features) as st:
         enc = load_encoder_for_store(st, checkpoint=a.checkpoint, device=a.device)
         texts, cache = _store_text_encoder(st, enc)
     meta.update(model=enc.info.name, text_cache=str(cache))

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import InvalidArgumentError, PathNotFoundError
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
@@ -23,7 +25,7 @@ def parse_lams(spec: str) -> list[float]:
     if ":" in spec:
         a, b, s = (float(x) for x in spec.split(":"))
         if s <= 0:
-            raise ValueError("λ sweep step must be > 0")
+            raise InvalidArgumentError("λ sweep step must be > 0")
         n = int(round((b - a) / s)) + 1
         return [round(a + i * s, 10) for i in range(n)]
     return [float(x) for x in spec.split(",") if x.strip()]
@@ -80,22 +82,23 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_index(a: argparse.Namespace) -> int:
-    from ..api import index
-
-    if a.batch_size < 1 or a.segment_size < 1:
-        raise ValueError("--batch-size and --segment-size must be >= 1")
+    options = {
+        "labels": "csv" if a.labels_csv and a.labels == "none" else a.labels,
+        "labels_csv": a.labels_csv, "dtype": a.dtype, "batch_size": a.batch_size,
+        "segment_size": a.segment_size, "max_pixels": a.max_pixels,
+        "progress": not a.no_progress,
+    }
     if a.ray is not None:
-        from ..ingest.ray_data import index_from_args
+        from ..ingest.ray_data import index_folder_ray
 
-        rep = index_from_args(a)
+        rep = index_folder_ray(a.folder, a.store, model=a.model, arch=a.arch,
+                               checkpoint=a.checkpoint, device=a.device,
+                               address=a.ray or None, **options)
     else:
-        rep = index(
-            a.folder, a.store, model=a.model, arch=a.arch, checkpoint=a.checkpoint,
-            device=a.device, labels="csv" if a.labels_csv and a.labels == "none" else a.labels,
-            labels_csv=a.labels_csv, dtype=a.dtype, batch_size=a.batch_size,
-            num_workers=a.workers, segment_size=a.segment_size, max_pixels=a.max_pixels,
-            progress=not a.no_progress,
-        )
+        from ..api import index
+
+        rep = index(a.folder, a.store, model=a.model, arch=a.arch, checkpoint=a.checkpoint,
+                    device=a.device, num_workers=a.workers, **options)
     if a.json:
         print(json.dumps(rep.to_dict(), indent=1))
     else:
@@ -111,12 +114,12 @@ def cmd_search(a: argparse.Namespace) -> int:
     from ..sheet import contact_sheet
 
     if a.k < 1:
-        raise ValueError("-k must be >= 1")
+        raise InvalidArgumentError("-k must be >= 1")
     if a.image and not Path(a.image).is_file():
-        raise FileNotFoundError(f"query image not found: {a.image}")
+        raise PathNotFoundError(f"query image not found: {a.image}")
     lams = parse_lams(a.lams) if a.lams else [a.lam]
-    s: Any = open_searcher(a.store, strategy=a.strategy, model=a.model, arch=a.arch,
-                           checkpoint=a.checkpoint, device=a.device)
+    s = open_searcher(a.store, strategy=a.strategy, model=a.model, arch=a.arch,
+                      checkpoint=a.checkpoint, device=a.device)
     store = s.store
     results = [
         s.search(image=a.image, item_id=a.item_id, text=a.text or None, lam=lam, k=a.k,
@@ -149,10 +152,9 @@ def cmd_search(a: argparse.Namespace) -> int:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from ..stores.directory import Store
-    from ..stores.postgres.store import PgStore, is_pg_uri
+    from ..stores.uri import open_store
 
-    with PgStore.open(a.store) if is_pg_uri(a.store) else Store.open(a.store) as store:
+    with open_store(a.store) as store:
         info = store.info()
     if a.json:
         print(json.dumps(info, indent=1))

@@ -5,12 +5,13 @@ imports no backend, so backends can import it without a cycle."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import ModelUnavailableError
-from .base import Encoder
+from .base import Encoder, ModelInfo
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,30 @@ class ModelRegistry:
                 f"--arch {arch} needs --checkpoint FILE (a local open_clip state dict)"
             )
         return ModelSpec(name=f"open_clip:{arch}", arch=str(arch), checkpoint=checkpoint)
+
+    def args_for_store(
+        self,
+        info: ModelInfo,
+        *,
+        model: str | None = None,
+        arch: str | None = None,
+        checkpoint: str | None = None,
+    ) -> tuple[str | None, str | None, str | None]:
+        """(model, arch, checkpoint) that rebuild a store's model (``info``, from its manifest)
+        without loading it: its registry name, or its architecture with the checkpoint it was
+        built from. Arguments the user gave win; a checkpoint alone keeps the store's model."""
+        if model is not None or arch is not None:
+            return model, arch, checkpoint
+        src = info.source or ""
+        if checkpoint is None and src and os.path.isabs(src):
+            if not os.path.isfile(src):
+                raise ModelUnavailableError(
+                    f"the store was built from checkpoint {src}, which is missing; "
+                    "pass --checkpoint FILE with the same weights")
+            checkpoint = src
+        if info.name in self.specs:
+            return info.name, None, checkpoint
+        return None, info.arch, checkpoint
 
     def load(
         self,

@@ -1,5 +1,27 @@
-"""Composed search over a store: one Searcher, strategies for the top-k."""
+"""Composed search over a store: one :class:`Searcher`, strategies for the top-k."""
 
-from .searcher import BRUTE_MAX, Hit, ItemFilter, Searcher, SearchResult, StreamParams
+from ..stores.filters import ItemFilter
+from .searcher import Hit, Searcher, SearchResult
+from .strategy import (
+    STRATEGY_NAMES,
+    ComposedQuery,
+    SearchParams,
+    SearchStrategy,
+    StreamParams,
+    TopK,
+    strategies_for,
+)
 
-__all__ = ["BRUTE_MAX", "Hit", "ItemFilter", "SearchResult", "Searcher", "StreamParams"]
+__all__ = [
+    "STRATEGY_NAMES",
+    "ComposedQuery",
+    "Hit",
+    "ItemFilter",
+    "SearchParams",
+    "SearchResult",
+    "SearchStrategy",
+    "Searcher",
+    "StreamParams",
+    "TopK",
+    "strategies_for",
+]

@@ -42,11 +42,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import StaleIndexError
+from ..errors import InvalidArgumentError, PathNotFoundError, StaleIndexError
 from .topk import candidate_similarities
 
 if TYPE_CHECKING:
-    from ..stores.directory import Store
+    from ..stores.directory import DirectoryStore
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +174,10 @@ class AnnIndex:
     ) -> AnnIndex:
         faiss = _faiss()
         if kind not in KINDS:
-            raise ValueError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
+            raise InvalidArgumentError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
         n, d = embeddings.shape
         if n == 0:
-            raise ValueError("cannot build an ANN index over an empty store")
+            raise InvalidArgumentError("cannot build an ANN index over an empty store")
         kind = choose_kind(n) if kind == "auto" else kind
         p = (params or AnnParams()).resolved(n, d)
         t0 = time.perf_counter()
@@ -190,7 +190,7 @@ class AnnIndex:
             index.train(_training_sample(embeddings, 1000, p.seed))  # fp16 needs no statistics
         elif kind == "ivf":
             if n < 39 * (p.nlist or 1):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"ivf with {p.nlist} lists needs at least {39 * (p.nlist or 1)} items to train "
                     f"(have {n}); use fewer --nlist or --kind flat for this archive"
                 )
@@ -204,7 +204,7 @@ class AnnIndex:
             index.train(_training_sample(embeddings, p.train_rows(), p.seed))
         else:
             if n < 39 * (p.nlist or 1) or n < 39 * 2**p.pq_bits:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"ivfpq needs at least {39 * max(p.nlist or 1, 2**p.pq_bits)} items to train "
                     f"(have {n}); use --kind flat or hnsw for this archive"
                 )
@@ -253,15 +253,15 @@ class AnnIndex:
         faiss = _faiss()
         d = Path(directory)
         if not (d / META_FILE).is_file() or not (d / INDEX_FILE).is_file():
-            raise FileNotFoundError(f"no ANN index in {d} (run `rscir build-ann STORE`)")
+            raise PathNotFoundError(f"no ANN index in {d} (run `rscir build-ann STORE`)")
         try:
             meta = IndexMeta.from_dict(json.loads((d / META_FILE).read_text()))
         except (json.JSONDecodeError, TypeError, KeyError) as e:
-            raise RuntimeError(f"ANN index metadata {d / META_FILE} is unreadable: {e}") from e
+            raise StaleIndexError(f"ANN index metadata {d / META_FILE} is unreadable ({e}); rebuild it with `rscir build-ann`") from e
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         index = faiss.read_index(str(d / INDEX_FILE), flags)
         if int(index.ntotal) != meta.n or int(index.d) != meta.dim:
-            raise RuntimeError(f"ANN index in {d} does not match its metadata; rebuild it")
+            raise StaleIndexError(f"ANN index in {d} does not match its metadata; rebuild it with `rscir build-ann`")
         return cls(index, meta, embeddings)
 
     def disk_bytes(self, directory: str | os.PathLike[str]) -> int:
@@ -301,13 +301,13 @@ class AnnIndex:
 
 
 # --------------------------------------------------------------------------- store integration
-def index_dir(store: Store) -> Path:
+def index_dir(store: DirectoryStore) -> Path:
     return store.artifact_dir(ARTIFACT)
 
 
-def read_meta(store: Store) -> IndexMeta | None:
+def read_meta(store: DirectoryStore) -> IndexMeta | None:
     """The saved index's metadata, or None when the store has no ANN index."""
-    f = store.path / "artifacts" / ARTIFACT / META_FILE
+    f = store.local_dir / "artifacts" / ARTIFACT / META_FILE
     if not f.is_file():
         return None
     try:
@@ -316,7 +316,7 @@ def read_meta(store: Store) -> IndexMeta | None:
         return None
 
 
-def is_stale(store: Store, meta: IndexMeta) -> bool:
+def is_stale(store: DirectoryStore, meta: IndexMeta) -> bool:
     return (
         meta.generation != store.generation
         or meta.n != len(store)
@@ -326,7 +326,7 @@ def is_stale(store: Store, meta: IndexMeta) -> bool:
 
 
 def build_index(
-    store: Store, kind: str = "auto", params: AnnParams | None = None, *, save: bool = True
+    store: DirectoryStore, kind: str = "auto", params: AnnParams | None = None, *, save: bool = True
 ) -> AnnIndex:
     """Build an ANN index over the store's live rows and save it in the store's artifacts."""
     idx = AnnIndex.build(
@@ -341,12 +341,12 @@ def build_index(
     return idx
 
 
-def open_index(store: Store, *, rebuild_stale: bool = False, mmap: bool = False) -> AnnIndex:
+def open_index(store: DirectoryStore, *, rebuild_stale: bool = False, mmap: bool = False) -> AnnIndex:
     """Load the store's ANN index; a stale one raises :class:`StaleIndexError` unless
     ``rebuild_stale``, which rebuilds it with the same kind and parameters."""
     meta = read_meta(store)
     if meta is None:
-        raise FileNotFoundError(f"store {store.path} has no ANN index (run `rscir build-ann`)")
+        raise PathNotFoundError(f"store {store.path} has no ANN index (run `rscir build-ann`)")
     if is_stale(store, meta):
         if not rebuild_stale:
             raise StaleIndexError(

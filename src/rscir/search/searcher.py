@@ -1,94 +1,46 @@
-"""Composed search over a store: encode the query once, score the archive, return top-k hits.
+"""One Searcher for every store: encode the query once, let a strategy find the top-k, build hits.
 
-Three strategies give the top-k (all return exact scores):
-
-* ``brute`` — score every item (vectorized, in row chunks so float16 stores are converted a
-  slice at a time, image and text queries in one pass). The default for small archives.
-* ``exact-stream`` — the threshold algorithm (:mod:`rscir.composed_topk`) over exact sorted
-  streams; equals ``brute`` (a reference for the ANN path).
-* ``ann`` — the threshold algorithm over the store's FAISS index (``rscir build-ann``); every
-  candidate is re-scored exactly, only *which* items are seen is approximate.
-
-``auto`` uses ``ann`` when the store has an up-to-date index and more than ``BRUTE_MAX`` items,
-else ``brute``. WeiCom's per-query normalization always comes from the store's moments
-(:mod:`rscir.moments`: O(d²) per query, equal to the full-archive scan), so it is the same
-whatever strategy, filter or subset of rows is scored.
+The searcher owns what every backend shares: query encoding (an archive file or item is looked up,
+not re-embedded; texts are cached), the checks of a query, the archive-moments cache (WeiCom's
+per-query normalization always comes from the store's moments, O(d²) per query and equal to a
+full-archive scan, so it is the same whatever strategy, filter or subset of items is scored),
+and turning ids and scores into :class:`Hit` records. *Which* items are scored is the business
+of a strategy object (:mod:`.strategy`), picked by name per searcher or per call.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ..caching import LRU
 from ..encoders.base import Encoder, ImageLike, l2_normalize
+from ..errors import InvalidArgumentError, PathNotFoundError, QueryError
 from ..moments import ArchiveMoments
-from ..scoring import NEEDS_IMAGE, NEEDS_TEXT, QueryStats, check_lam, check_method, fuse, topk
-from ..stores.directory import Store
-from .ann import AnnIndex, is_stale, open_index, read_meta
-from .topk import ExactSource, chunked_similarities, composed_topk
-
-log = logging.getLogger(__name__)
+from ..scoring import NEEDS_IMAGE, NEEDS_TEXT, QueryStats, check_lam, check_method
+from ..stores.base import EmbeddingStore
+from ..stores.filters import ItemFilter
+from .strategy import (
+    ComposedQuery,
+    MomentsCache,
+    SearchParams,
+    SearchStrategy,
+    StreamParams,
+    TopK,
+    check_strategy,
+    query_stats,
+    strategies_for,
+)
 
 QueryImage = str | os.PathLike[str] | ImageLike
-STRATEGIES: tuple[str, ...] = ("auto", "brute", "exact-stream", "ann")
-BRUTE_MAX = 50_000  # auto: up to here a full scan takes a few ms, no index needed
-
-
-def check_strategy(strategy: str) -> str:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-    return strategy
-
-
-@dataclass(frozen=True)
-class StreamParams:
-    """Threshold-algorithm settings for the ``exact-stream`` and ``ann`` strategies.
-
-    ``max_depth`` caps how deep approximate ANN streams are read (exact streams, including a
-    flat ANN index, are never capped);
-    a filter that passes at most ``subset_max`` items is scored exactly on those items instead,
-    which is both faster and exact."""
-
-    start_depth: int | None = None
-    max_depth: int = 256
-    subset_max: int = 20_000
-
-
-@dataclass(frozen=True)
-class ItemFilter:
-    """Metadata restrictions on results: any of ``labels`` (matches ``label`` or ``labels``) and
-    a lon/lat bounding box ``(min_lon, min_lat, max_lon, max_lat)``. Filtering never changes the
-    WeiCom normalization, which is always over the whole archive."""
-
-    labels: tuple[str, ...] = ()
-    bbox: tuple[float, float, float, float] | None = None
-
-    def is_empty(self) -> bool:
-        return not self.labels and self.bbox is None
-
-    def mask(self, items: pd.DataFrame) -> np.ndarray:
-        """Boolean (N,) of items that pass."""
-        keep = np.ones(len(items), dtype=bool)
-        if self.labels:
-            want = set(self.labels)
-            single = items["label"].isin(want).to_numpy()
-            multi = np.fromiter((bool(want.intersection(v)) for v in items["labels"]), bool, len(items))
-            keep &= single | multi
-        if self.bbox is not None:
-            x0, y0, x1, y1 = self.bbox
-            if x0 > x1 or y0 > y1:
-                raise ValueError("bbox must be (min_lon, min_lat, max_lon, max_lat)")
-            lon, lat = items["lon"].to_numpy(), items["lat"].to_numpy()
-            keep &= (lon >= x0) & (lon <= x1) & (lat >= y0) & (lat <= y1)
-        return keep
+BRUTE_MAX = SearchParams().brute_max
 
 
 @dataclass(frozen=True)
@@ -109,7 +61,8 @@ class SearchResult:
     query_id: int | None = None
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([asdict(h) for h in self.hits], columns=["rank", "id", "path", "score", "label"])
+        return pd.DataFrame([asdict(h) for h in self.hits],
+                            columns=["rank", "id", "path", "score", "label"])
 
     def to_records(self) -> list[dict[str, Any]]:
         return [asdict(h) for h in self.hits]
@@ -118,182 +71,155 @@ class SearchResult:
 class Searcher:
     """Answers composed queries on one store with the encoder it was built with.
 
-    ``strategy`` (see module docstring) is the default of :meth:`search_vectors`, which can
-    override it per call."""
+    ``strategy`` (see :mod:`.strategy`) is the default of every search call, which can override
+    it. ``encoder`` may be None to search with vectors only. Thread-safe for searches."""
 
     def __init__(
         self,
-        store: Store,
+        store: EmbeddingStore,
         encoder: Encoder | None,
         *,
-        chunk_rows: int = 1 << 16,
         strategy: str = "auto",
+        params: SearchParams | None = None,
         stream: StreamParams | None = None,
+        chunk_rows: int | None = None,
+        text_cache: int = 512,
     ) -> None:
         if encoder is not None:
             store.check_model(encoder.info)
+        p = params or SearchParams()
+        if stream is not None:
+            p = replace(p, stream=stream)
+        if chunk_rows is not None:
+            p = replace(p, chunk_rows=int(chunk_rows))
         self.store = store
         self.encoder = encoder
-        self.chunk_rows = chunk_rows
-        self.strategy = check_strategy(strategy)
-        self.stream = stream or StreamParams()
+        self.params = p
+        self.strategy_name = check_strategy(strategy)
+        self._classes = strategies_for(store.backend)
+        self._moments = MomentsCache()
+        self._strategies: dict[str, SearchStrategy] = {}
         self._lock = threading.Lock()
-        self._moments: tuple[int, ArchiveMoments] | None = None
-        self._index: tuple[int, AnnIndex] | None = None
+        self._texts = LRU(text_cache)
 
     # ----------------------------------------------------------------- query encoding
     def _require_encoder(self) -> Encoder:
         if self.encoder is None:
-            raise RuntimeError("this searcher has no encoder: pass one to embed images or texts")
+            raise QueryError("this searcher has no encoder: pass one to embed images or texts")
         return self.encoder
 
+    def encode_image(self, image: ImageLike) -> np.ndarray:
+        """Embedding of a decoded query image (PIL or array)."""
+        return self._require_encoder().encode_images([image])[0]
+
     def image_vector(self, image: QueryImage) -> tuple[np.ndarray, int | None]:
-        """Embedding of a query image (path, PIL, array) and its archive row if it is an item."""
+        """Embedding of a query image (path, PIL, array) and its item id when it is an
+        unchanged archive file (its stored embedding is used, not a new one)."""
         from ..ingest.images import load_image
 
         if isinstance(image, str | os.PathLike):
             p = Path(image)
             if not p.is_file():
-                raise FileNotFoundError(f"query image not found: {p}")
-            row = self._row_of_file(p)
-            if row is not None:
-                return np.asarray(self.store.embeddings[row], dtype=np.float32), row
+                raise PathNotFoundError(f"query image not found: {p}")
+            iid = self._id_of_file(p)
+            if iid is not None:
+                return self.item_vector(iid), iid
             pil, _ = load_image(p)
-            return self._require_encoder().encode_images([pil])[0], None
-        return self._require_encoder().encode_images([image])[0], None
+            return self.encode_image(pil), None
+        return self.encode_image(image), None
 
-    def _row_of_file(self, p: Path) -> int | None:
+    def _id_of_file(self, p: Path) -> int | None:
         root = Path(self.store.root).resolve()
         rp = p.resolve()
         if root not in rp.parents:
             return None
-        rows = self.store.rows_for_paths([rp.relative_to(root).as_posix()])
-        if rows[0] < 0:
-            return None
         st = p.stat()
-        item = self.store.items.iloc[int(rows[0])]
-        # a changed file on disk is not the indexed one: embed it afresh
-        if int(item["size"]) != st.st_size or int(item["mtime_ns"]) != st.st_mtime_ns:
-            return None
-        return int(rows[0])
+        return self.store.id_of_file(rp.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns)
+
+    def item_vector(self, item_id: int) -> np.ndarray:
+        """The stored embedding of an archive item (float32)."""
+        return self.store.vectors_for_ids([int(item_id)])[0]
 
     def text_vector(self, texts: str | Sequence[str]) -> np.ndarray:
-        """Several modifiers are averaged in embedding space, then re-normalized."""
+        """Several modifiers are averaged in embedding space, then re-normalized (cached)."""
         tl = [texts] if isinstance(texts, str) else list(texts)
-        tl = [t.strip() for t in tl if t and t.strip()]
-        if not tl:
-            raise ValueError("empty text modifier")
-        return l2_normalize(self._require_encoder().encode_texts(tl).mean(axis=0))
+        key = tuple(t.strip() for t in tl if t and t.strip())
+        if not key:
+            raise QueryError("empty text modifier")
+        enc = self._require_encoder()
+        vec: np.ndarray = self._texts.get_or_make(
+            key, lambda: l2_normalize(enc.encode_texts(list(key)).mean(axis=0)))
+        return vec
 
     # ----------------------------------------------------------------- archive state
     def archive_moments(self) -> ArchiveMoments:
         """Mean and covariance of the live embeddings (cached per store generation)."""
-        gen = self.store.generation
-        with self._lock:
-            if self._moments is None or self._moments[0] != gen:
-                self._moments = (gen, ArchiveMoments.from_sums(self.store.moments()))
-            return self._moments[1]
+        am = self._moments.get(self.store.generation, self.store.moments)
+        if am is None:
+            raise QueryError("WeiCom normalization needs an archive of at least 2 items")
+        return am
 
-    def query_stats(
-        self, img: np.ndarray | None, txt: np.ndarray | None, method: str
-    ) -> tuple[QueryStats | None, QueryStats | None]:
+    def query_stats(self, img: np.ndarray | None, txt: np.ndarray | None, method: str
+                    ) -> tuple[QueryStats | None, QueryStats | None]:
         """Full-archive WeiCom statistics of the queries (None for the other methods)."""
         if method != "weicom":
             return None, None
-        am = self.archive_moments()
-        return (
-            None if img is None else am.query_stats(img),
-            None if txt is None else am.query_stats(txt),
-        )
+        q = ComposedQuery.make(img, txt, method)
+        return query_stats(self._moments.get(self.store.generation, self.store.moments), q)
 
-    def ann_index(self) -> AnnIndex:
-        """The store's ANN index (loaded once per store generation); refuses a stale one."""
-        gen = self.store.generation
+    def strategy(self, name: str | None = None) -> SearchStrategy:
+        """The strategy object of that name (this searcher's default when None)."""
+        name = check_strategy(name or self.strategy_name)
         with self._lock:
-            if self._index is None or self._index[0] != gen:
-                self._index = (gen, open_index(self.store))
-            return self._index[1]
+            if name not in self._strategies:
+                cls = self._classes.get(name)
+                if cls is None:
+                    raise InvalidArgumentError(
+                        f"a {self.store.backend} store offers the strategies "
+                        f"{', '.join(sorted(self._classes))}, not {name!r}")
+                self._strategies[name] = cls(self.store, self.params, self._moments)
+            return self._strategies[name]
 
-    def resolve_strategy(self, strategy: str | None = None) -> str:
-        """The strategy a call will use: ``auto`` becomes ``ann`` or ``brute``."""
-        strat = check_strategy(strategy or self.strategy)
-        if strat != "auto":
-            return strat
-        if len(self.store) <= BRUTE_MAX:
-            return "brute"
-        meta = read_meta(self.store)
-        if meta is None:
-            return "brute"
-        if is_stale(self.store, meta):
-            log.warning("the ANN index of %s is stale; scanning the archive (run `rscir "
-                        "build-ann %s`)", self.store.path, self.store.path)
-            return "brute"
-        return "ann"
+    def resolve_strategy(self, name: str | None = None) -> str:
+        """The strategy a call will use (``auto`` resolved where the backend decides per call)."""
+        s = self.strategy(name)
+        resolve = getattr(s, "resolve", None)
+        return str(resolve()) if callable(resolve) else s.name
 
     # ----------------------------------------------------------------- scoring
-    def similarities(self, vecs: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        """Cosine similarities (Q, N) float32 of query vectors against every live item (or the
-        given sorted ``rows``)."""
-        return chunked_similarities(self.store.embeddings, vecs, self.chunk_rows, rows)
+    def scores(self, img: np.ndarray | None, txt: np.ndarray | None, method: str = "weicom",
+               lam: float = 0.5, rows: np.ndarray | None = None) -> np.ndarray:
+        """Fused scores (Q, N) for every item in ``store.embeddings`` order (or for the sorted
+        ``rows``), WeiCom normalized over the whole archive. A full scan: for tools and tests."""
+        from .directory import fused_scores
 
-    def _pair_similarities(
-        self, img: np.ndarray | None, txt: np.ndarray | None, method: str, rows: np.ndarray | None
-    ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Image and text similarities in one pass over the archive (one float16 conversion)."""
-        qi = np.atleast_2d(img) if img is not None and method in NEEDS_IMAGE else None
-        qt = np.atleast_2d(txt) if txt is not None and method in NEEDS_TEXT else None
-        if qi is not None and qt is not None:
-            both = self.similarities(np.concatenate([qi, qt]).astype(np.float32), rows)
-            return both[: qi.shape[0]], both[qi.shape[0] :]
-        return (
-            None if qi is None else self.similarities(qi, rows),
-            None if qt is None else self.similarities(qt, rows),
-        )
+        check_method(method)
+        check_lam(lam)
+        return fused_scores(self.store.embeddings, img, txt, method, lam,
+                            self.query_stats(img, txt, method), rows, self.params.chunk_rows)
 
-    def scores(
+    def search_batch(
         self,
         img: np.ndarray | None,
         txt: np.ndarray | None,
         method: str = "weicom",
-        lam: float = 0.5,
-        rows: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """Fused scores (Q, N) for every live item (or (Q, len(rows)) for sorted ``rows``).
-
-        WeiCom is normalized over the whole archive in every case (from the store moments)."""
-        check_method(method)
-        si, st = self._pair_similarities(img, txt, method, rows)
-        i_st, t_st = self.query_stats(
-            None if si is None else img, None if st is None else txt, method
-        )
-        return fuse(method, si, st, lam, img_stats=i_st, txt_stats=t_st)
-
-    def _brute(
-        self,
-        img: np.ndarray | None,
-        txt: np.ndarray | None,
-        method: str,
-        lam: float,
-        k: int,
-        exclude_rows: Sequence[int | None] | None,
-        rows: np.ndarray | None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k over all items or the sorted ``rows`` subset; -inf marks excluded rows."""
-        s = np.array(self.scores(img, txt, method, lam, rows), dtype=np.float64, copy=True)
-        if exclude_rows is not None:
-            for qi, r in enumerate(exclude_rows):
-                if r is None or r < 0:
-                    continue
-                if rows is None:
-                    s[qi, r] = -np.inf
-                else:
-                    pos = np.searchsorted(rows, r)
-                    if pos < len(rows) and rows[pos] == r:
-                        s[qi, pos] = -np.inf
-        idx, vals = topk(s, k)
-        if rows is not None:
-            idx = rows[idx]
-        return np.where(np.isfinite(vals), idx, -1), vals
+        lams: Sequence[float] = (0.5,),
+        k: int = 20,
+        exclude_ids: Sequence[int | None] | np.ndarray | None = None,
+        where: ItemFilter | None = None,
+        *,
+        strategy: str | None = None,
+    ) -> list[TopK]:
+        """Top-k of a batch of query vectors for each λ (ids ``-1`` pad queries for which fewer
+        than k items qualify). Items in ``exclude_ids`` (one per query) and items failing
+        ``where`` are never returned; scores are exact whatever the strategy."""
+        lam_list = [check_lam(x) for x in lams]
+        if int(k) < 1:
+            raise InvalidArgumentError(f"k must be at least 1, got {k}")
+        query = ComposedQuery.make(img, txt, method, exclude_ids)
+        if query.dim != self.store.dim:
+            raise QueryError(f"query vectors have dim {query.dim}, the store holds {self.store.dim}")
+        return self.strategy(strategy).search(query, lam_list, int(k), where)
 
     def search_vectors(
         self,
@@ -302,89 +228,46 @@ class Searcher:
         method: str = "weicom",
         lam: float = 0.5,
         k: int = 20,
-        exclude_rows: Sequence[int | None] | None = None,
+        exclude_ids: Sequence[int | None] | np.ndarray | None = None,
         where: ItemFilter | None = None,
         *,
         strategy: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (rows (Q,k), scores (Q,k)) for batches of query vectors (either may be None).
+        """Top-k (ids (Q,k), scores (Q,k)) for one λ; columns are cut to the fewest hits of
+        any query, so no padding is ever returned."""
+        res = self.search_batch(img, txt, method, [lam], k, exclude_ids, where,
+                                strategy=strategy)[0]
+        ids, vals = res.ids, res.scores
+        keep = ids >= 0
+        if not keep.all():
+            kk = int(keep.sum(axis=1).min()) if len(ids) else 0
+            ids, vals = ids[:, :kk], vals[:, :kk]
+        return ids, vals
 
-        Rows in ``exclude_rows`` (one per query) and rows failing ``where`` are never returned;
-        fewer than k rows come back only when fewer than k rows qualify. Scores are exact
-        whatever the strategy."""
-        check_method(method)
-        check_lam(lam)
-        if int(k) < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        if method in NEEDS_IMAGE and img is None:
-            raise ValueError(f"method {method!r} needs a query image")
-        if method in NEEDS_TEXT and txt is None:
-            raise ValueError(f"method {method!r} needs a query text")
-        nq = np.atleast_2d(img if img is not None else txt).shape[0]
-        if len(self.store) == 0:
-            return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float64)
-        k = min(int(k), len(self.store))  # every path then returns the same width
-        strat = self.resolve_strategy(strategy)
-        mask = None if where is None or where.is_empty() else where.mask(self.store.items)
-        subset = None if mask is None else np.flatnonzero(mask)
-        if strat == "brute" or (subset is not None and len(subset) <= self.stream.subset_max):
-            rows, vals = self._brute(img, txt, method, lam, k, exclude_rows, subset)
-        else:
-            rows, vals = self._streams(img, txt, method, lam, k, exclude_rows, mask, strat)
-            # the capped ANN streams may hold fewer than k qualifying items: score those exactly
-            n_ok = len(self.store) if subset is None else len(subset)
-            want = np.full(nq, min(k, n_ok))
-            if exclude_rows is not None:
-                for qi, r in enumerate(exclude_rows):
-                    if r is not None and r >= 0 and (mask is None or mask[r]):
-                        want[qi] = min(k, n_ok - 1)
-            short = np.flatnonzero((rows >= 0).sum(axis=1) < want)
-            if short.size:
-                sel = (
-                    None if exclude_rows is None else [exclude_rows[i] for i in short.tolist()]
-                )
-                rows[short], vals[short] = self._brute(
-                    None if img is None else np.atleast_2d(img)[short],
-                    None if txt is None else np.atleast_2d(txt)[short],
-                    method, lam, k, sel, subset,
-                )
-        keep = rows >= 0
-        if not keep.all():  # never return an excluded or filtered row
-            kk = int(keep.sum(axis=1).min())
-            rows, vals = rows[:, :kk], vals[:, :kk]
-        return rows, vals
-
-    def _streams(
+    def search_ids(
         self,
         img: np.ndarray | None,
         txt: np.ndarray | None,
-        method: str,
-        lam: float,
-        k: int,
-        exclude_rows: Sequence[int | None] | None,
-        mask: np.ndarray | None,
-        strat: str,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by the threshold algorithm over exact or ANN streams (-1 / -inf padded)."""
-        qi = None if img is None else np.atleast_2d(np.asarray(img, np.float32))
-        qt = None if txt is None else np.atleast_2d(np.asarray(txt, np.float32))
-        i_st, t_st = self.query_stats(qi, qt, method)
-        x = self.store.embeddings
-        start = self.stream.start_depth
-        if strat == "ann":
-            source: Any = self.ann_index()
-            # a flat index gives exact streams: TA certifies its answer, so no cap is needed
-            max_depth: int | None = None if source.kind == "flat" else self.stream.max_depth
-            if start is None and source.kind != "hnsw":
-                # a list or full scan costs the same at any depth: read once
-                start = self.stream.max_depth
-        else:
-            source, max_depth = ExactSource(x, self.chunk_rows), None
-        res = composed_topk(
-            x, qi, qt, method, lam, k, source=source, img_stats=i_st, txt_stats=t_st,
-            exclude_rows=exclude_rows, allowed=mask, start_depth=start, max_depth=max_depth,
-        )
-        return res.rows.copy(), res.scores.copy()
+        method: str = "weicom",
+        lams: Sequence[float] = (0.5,),
+        k: int = 20,
+        exclude_id: int | None = None,
+        where: ItemFilter | None = None,
+        *,
+        strategy: str | None = None,
+    ) -> list[TopK]:
+        """One query (1-D vectors), every λ: a :class:`TopK` per λ with the padding removed."""
+        res = self.search_batch(
+            None if img is None else np.asarray(img)[None],
+            None if txt is None else np.asarray(txt)[None],
+            method, lams, k, [exclude_id], where, strategy=strategy)
+        out = []
+        for r in res:
+            ok = r.ids[0] >= 0
+            out.append(TopK(r.ids[0][ok], r.scores[0][ok],
+                            None if r.sim_image is None else r.sim_image[0][ok],
+                            None if r.sim_text is None else r.sim_text[0][ok]))
+        return out
 
     def search(
         self,
@@ -397,41 +280,50 @@ class Searcher:
         method: str = "weicom",
         exclude_query: bool = True,
         where: ItemFilter | None = None,
+        strategy: str | None = None,
     ) -> SearchResult:
         """One composed query: an image (file, PIL, array) or an archive item id, plus text."""
         if image is not None and item_id is not None:
-            raise ValueError("give a query image or an item id, not both")
+            raise QueryError("give a query image or an item id, not both")
         img_vec: np.ndarray | None = None
-        row: int | None = None
+        qid: int | None = None
         if item_id is not None:
-            row = int(self.store.rows_for_ids([item_id])[0])
-            img_vec = np.asarray(self.store.embeddings[row], np.float32)
+            img_vec, qid = self.item_vector(item_id), int(item_id)
         elif image is not None:
-            img_vec, row = self.image_vector(image)
+            img_vec, qid = self.image_vector(image)
         texts = [] if text is None else ([text] if isinstance(text, str) else list(text))
         txt_vec = self.text_vector(texts) if texts else None
         if method in NEEDS_IMAGE and img_vec is None:
-            raise ValueError(f"method {method!r} needs a query image (--image or --item-id)")
+            raise QueryError(f"method {method!r} needs a query image (--image or --item-id)")
         if method in NEEDS_TEXT and txt_vec is None:
-            raise ValueError(f"method {method!r} needs a text modifier (--text)")
-        rows, vals = self.search_vectors(
-            img_vec[None] if img_vec is not None else None,
-            txt_vec[None] if txt_vec is not None else None,
-            method,
-            lam,
-            k,
-            exclude_rows=[row] if exclude_query and row is not None else None,
-            where=where,
-        )
-        items = self.store.items
-        sel = items.iloc[rows[0]]
-        hits = [
+            raise QueryError(f"method {method!r} needs a text modifier (--text)")
+        res = self.search_ids(img_vec, txt_vec, method, [lam], k,
+                              exclude_id=qid if exclude_query else None, where=where,
+                              strategy=strategy)[0]
+        return SearchResult(hits=self.hits(res.ids, res.scores), method=method, lam=float(lam),
+                            texts=texts, query_id=qid)
+
+    def hits(self, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        """Ranked hits with their metadata (one store lookup for all ids)."""
+        if not len(ids):
+            return []
+        meta = self.store.items_for_ids(ids)
+        return [
             Hit(rank=i + 1, id=int(iid), path=str(p), score=float(v),
                 label=None if lab is None else str(lab))
-            for i, (iid, p, lab, v) in enumerate(
-                zip(sel["id"].tolist(), sel["path"].tolist(), sel["label"].tolist(), vals[0].tolist(),
-                    strict=True)
-            )
+            for i, (iid, p, lab, v) in enumerate(zip(
+                meta["id"].tolist(), meta["path"].tolist(), meta["label"].tolist(),
+                np.asarray(scores).tolist(), strict=True))
         ]
-        qid = int(items["id"].iloc[row]) if row is not None else None
-        return SearchResult(hits=hits, method=method, lam=float(lam), texts=texts, query_id=qid)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Searcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["BRUTE_MAX", "Hit", "SearchResult", "Searcher"]

@@ -1,7 +1,8 @@
 """The HTTP API (FastAPI) and the web page for composed search.
 
-``create_app(source)`` takes a store directory, a ``postgresql://`` URI or an open searcher.
-The model is loaded once, when the app is made; searches run in worker threads (numpy and torch
+``create_app(source)`` takes a store directory, a ``postgresql://`` URI or an open
+:class:`~rscir.search.Searcher`; every store backend is served through the same Searcher. The
+model is loaded once, when the app is made; searches run in worker threads (numpy and torch
 release the GIL), bounded by ``ServeConfig.workers``.
 """
 
@@ -28,9 +29,11 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..caching import LRU
+from ..errors import QueryError, UnknownItemError
 from ..scoring import METHODS, NEEDS_IMAGE, NEEDS_TEXT
-from ..search.searcher import ItemFilter
-from .backend import LRU, Backend, open_backend
+from ..search.searcher import Searcher
+from ..stores.filters import ItemFilter
 from .middleware import AccessLog, BodyLimit, BodyTooLarge
 from .uploads import UploadError, decode_upload
 
@@ -191,12 +194,12 @@ def _web_dir() -> pathlib.Path:
 class _Api:
     """The app's state and handlers (kept on ``app.state.api``, nothing global)."""
 
-    def __init__(self, backend: Backend, cfg: ServeConfig) -> None:
-        self.backend = backend
+    def __init__(self, searcher: Searcher, cfg: ServeConfig) -> None:
+        self.searcher = searcher
+        self.store = searcher.store
         self.cfg = cfg
         self.limiter = anyio.CapacityLimiter(cfg.workers)
         self.uploads = LRU(cfg.upload_cache)
-        self.texts = LRU(cfg.text_cache)
         self.thumbs = LRU(cfg.thumb_cache)
 
     async def run(self, fn: Any, *args: Any) -> Any:
@@ -218,10 +221,21 @@ class _Api:
         return req
 
     def text_vec(self, texts: list[str]) -> np.ndarray | None:
-        tl = tuple(t.strip() for t in texts if t.strip())
-        if not tl:
+        if not any(t.strip() for t in texts):
             return None
-        return self.texts.get_or_make(tl, lambda: self.backend.encode_texts(list(tl)))
+        return self.searcher.text_vector(texts)  # cached by the searcher
+
+    def info(self) -> dict[str, Any]:
+        self.store.refresh()
+        return self.store.info()
+
+    def page(self, offset: int, limit: int, label: str | None) -> tuple[int, Any]:
+        self.store.refresh()
+        return self.store.page(offset, limit, ItemFilter(labels=(label,)) if label else None)
+
+    def labels(self) -> list[tuple[str, int]]:
+        self.store.refresh()
+        return self.store.label_counts()
 
     def upload_vec(self, data: bytes) -> tuple[str, np.ndarray]:
         token = hashlib.sha256(data).hexdigest()
@@ -229,7 +243,7 @@ class _Api:
         if vec is None:
             img = decode_upload(data, max_bytes=self.cfg.max_upload_bytes,
                                 max_pixels=self.cfg.max_pixels)
-            vec = self.backend.encode_image(img)
+            vec = self.searcher.encode_image(img)
             self.uploads.put(token, vec)
         return token, vec
 
@@ -247,8 +261,8 @@ class _Api:
                 raise HTTPException(410, "image_token unknown or expired: upload the image again")
         elif req.item_id is not None:
             try:
-                img = self.backend.item_vector(req.item_id)
-            except KeyError:
+                img = self.searcher.item_vector(req.item_id)
+            except UnknownItemError:
                 raise HTTPException(404, f"no item with id {req.item_id}") from None
         if req.method in NEEDS_IMAGE and img is None:
             raise HTTPException(422, f"method {req.method!r} needs a query image: upload one, "
@@ -259,11 +273,11 @@ class _Api:
         lams = req.lams if req.lams is not None else [req.lam]
         where = req.filter.to_filter() if req.filter else None
         exclude = req.item_id if req.exclude_query else None
-        res = self.backend.search(img, txt, req.method, lams, req.k, exclude, where)
-        all_ids = np.unique(np.concatenate([ids for ids, _ in res])) if res else np.zeros(0)
-        meta = _records(self.backend.items(all_ids.tolist()))
+        res = self.searcher.search_ids(img, txt, req.method, lams, req.k, exclude, where)
+        all_ids = np.unique(np.concatenate([r.ids for r in res])) if res else np.zeros(0)
+        meta = _records(self.store.items_for_ids(all_ids)) if len(all_ids) else {}
         results = []
-        for lam, (ids, scores) in zip(lams, res, strict=True):
+        for lam, (ids, scores) in zip(lams, ((r.ids, r.scores) for r in res), strict=True):
             hits = [{"rank": rank, "score": s, **meta[i]} for rank, (i, s) in
                     enumerate(zip(ids.tolist(), scores.tolist(), strict=True), start=1)]
             results.append({"lam": float(lam), "hits": hits})
@@ -277,8 +291,8 @@ class _Api:
 
     def item(self, item_id: int) -> dict[str, Any]:
         try:
-            df = self.backend.items([item_id])
-        except KeyError:
+            df = self.store.items_for_ids([item_id])
+        except UnknownItemError:
             raise HTTPException(404, f"no item with id {item_id}") from None
         return _item_out(next(df.itertuples(index=False)))
 
@@ -292,11 +306,11 @@ class _Api:
         if hit is not None:
             return hit
         try:
-            rel = str(self.backend.items([item_id])["path"].iloc[0])
-        except KeyError:
+            rel = str(self.store.items_for_ids([item_id])["path"].iloc[0])
+        except UnknownItemError:
             raise HTTPException(404, f"no item with id {item_id}") from None
         try:
-            path = self.backend.resolve(rel)
+            path = self.store.resolve_path(rel)
         except ValueError:
             log.warning("refused item %s: its path %r leaves the archive root", item_id, rel)
             raise HTTPException(404, "the item's file is not inside the archive") from None
@@ -320,15 +334,17 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
 
     ``model_kwargs`` (model, arch, checkpoint, device) pick the model when the store's own
     cannot be found."""
+    from ..api import open_searcher
+
     cfg = config or ServeConfig()
-    backend = open_backend(source, **model_kwargs)
-    api = _Api(backend, cfg)
+    searcher = source if isinstance(source, Searcher) else open_searcher(source, **model_kwargs)
+    api = _Api(searcher, cfg)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         yield
         log.info("shutting down: closing the store")
-        backend.close()
+        searcher.close()
 
     app = FastAPI(
         title="rscir",
@@ -381,20 +397,20 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
 
     @app.get("/info", summary="model, store size, dimensions, limits")
     async def info() -> dict[str, Any]:
-        d = await api.run(backend.info)
+        d = await api.run(api.info)
         return {**_jsonable(d), "methods": list(METHODS),
                 "limits": {"max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels,
                            "max_k": cfg.max_k, "max_lams": cfg.max_lams}}
 
     @app.get("/labels", summary="labels in the archive with item counts")
     async def labels() -> dict[str, Any]:
-        pairs = await api.run(backend.labels)
+        pairs = await api.run(api.labels)
         return {"labels": [{"name": n, "count": c} for n, c in pairs]}
 
     @app.get("/items", summary="page through archive items")
     async def items(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500),
                     label: str | None = Query(None, max_length=200)) -> dict[str, Any]:
-        total, df = await api.run(backend.list_items, offset, limit, label)
+        total, df = await api.run(api.page, offset, limit, label)
         return {"total": total, "offset": offset,
                 "items": [_item_out(r) for r in df.itertuples(index=False)]}
 
@@ -443,10 +459,10 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
         req = api.check(req)
         try:
             return JSONResponse(await api.run(api.search, req, upload))
-        except ValueError as e:  # e.g. a method that needs text got none
+        except UnknownItemError as e:
+            raise HTTPException(404, str(e)) from None
+        except (QueryError, ValueError) as e:  # e.g. a method that needs text got none
             raise HTTPException(422, str(e)) from None
-        except KeyError as e:
-            raise HTTPException(404, str(e).strip("'\"")) from None
 
     _install_openapi(app)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_upload_bytes + 64 * 1024)  # type: ignore[arg-type]

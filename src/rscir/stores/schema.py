@@ -1,0 +1,115 @@
+"""What a store holds about each item, defined once for every backend.
+
+Each :class:`Column` names its pandas dtype, its default and its PostgreSQL type, so the directory
+store (Parquet) and the Postgres store (a table) hold the same metadata, and adding a column is one
+line here. :class:`Manifest` is the store's identity: model, dimension, dtype, archive root.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .._version import __version__
+from ..encoders.base import ModelInfo
+from ..errors import InvalidArgumentError
+
+FORMAT_VERSION = 1
+DTYPES: dict[str, type[np.floating[Any]]] = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One metadata column: pandas dtype, default for items that lack it, SQL type."""
+
+    name: str
+    dtype: str
+    default: Any
+    sql: str
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("id", "int64", -1, "bigint PRIMARY KEY"),
+    Column("path", "object", None, "text NOT NULL UNIQUE"),
+    Column("size", "int64", -1, "bigint NOT NULL"),
+    Column("mtime_ns", "int64", -1, "bigint NOT NULL"),
+    Column("width", "int64", -1, "integer NOT NULL"),
+    Column("height", "int64", -1, "integer NOT NULL"),
+    Column("label", "object", None, "text"),
+    Column("labels", "object", None, "text[] NOT NULL DEFAULT '{}'"),
+    Column("lon", "float64", np.nan, "double precision"),
+    Column("lat", "float64", np.nan, "double precision"),
+)
+ITEM_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS)
+_INT_COLUMNS = tuple(c.name for c in COLUMNS if c.dtype == "int64")
+_FLOAT_COLUMNS = tuple(c.name for c in COLUMNS if c.dtype == "float64")
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def empty_items() -> pd.DataFrame:
+    return pd.DataFrame({c.name: pd.Series(dtype=c.dtype) for c in COLUMNS})
+
+
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v))
+
+
+def normalize_items(items: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
+    """Coerce item metadata to the store's columns and dtypes (missing columns get defaults)."""
+    df = pd.DataFrame(list(items)) if isinstance(items, list) else items.copy()
+    n = len(df)
+    if "path" not in df:
+        raise InvalidArgumentError("items need a 'path' column")
+    for c in COLUMNS:
+        if c.name not in df and c.name != "labels":
+            df[c.name] = [c.default] * n
+    if "labels" not in df:
+        df["labels"] = [[] for _ in range(n)]
+    df["labels"] = [list(v) if isinstance(v, list | tuple | np.ndarray) else [] for v in df["labels"]]
+    df["label"] = [None if _is_missing(v) else str(v) for v in df["label"]]
+    df["path"] = df["path"].astype(str)
+    for col in _INT_COLUMNS:
+        df[col] = pd.to_numeric(df[col]).fillna(-1).astype("int64")
+    for col in _FLOAT_COLUMNS:
+        df[col] = pd.to_numeric(df[col]).astype("float64")
+    return df[list(ITEM_COLUMNS)].reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A store's identity: the model whose space it holds, the dimension and dtype of its
+    vectors, the archive root its item paths are relative to, and the writing rscir version."""
+
+    model: ModelInfo
+    dim: int
+    dtype: str
+    root: str
+    rscir_version: str = __version__
+    format_version: int = FORMAT_VERSION
+    created: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        return cls(
+            model=ModelInfo.from_dict(d["model"]),
+            dim=int(d["dim"]),
+            dtype=str(d["dtype"]),
+            root=str(d["root"]),
+            rscir_version=str(d.get("rscir_version", "?")),
+            format_version=int(d.get("format_version", FORMAT_VERSION)),
+            created=float(d.get("created", 0.0)),
+        )
