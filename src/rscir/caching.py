@@ -39,7 +39,7 @@ class LRU:
         if hit is None:
             hit = make()
             self.put(key, hit)
-        return hit  # type: ignore[no-any-return]  # stored values are what make() returned
+        return hit
 
     def __len__(self) -> int:
         return len(self._d)

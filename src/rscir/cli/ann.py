@@ -8,7 +8,7 @@ import json
 from ..errors import InvalidArgumentError
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the rscir parser."""
     p = sub.add_parser(
         "build-ann",

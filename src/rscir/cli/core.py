@@ -31,7 +31,7 @@ def parse_lams(spec: str) -> list[float]:
     return [float(x) for x in spec.split(",") if x.strip()]
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="index (or resume indexing) a folder of images into a store")
     p.add_argument("folder", help="archive folder (searched recursively)")
     p.add_argument("--store", required=True,

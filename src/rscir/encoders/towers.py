@@ -82,7 +82,7 @@ def _square_resize(pil: Image.Image, side: int) -> np.ndarray:
     s = side / min(w, h)
     nw, nh = max(side, round(w * s)), max(side, round(h * s))
     if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+        im = im.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
     left, top = (nw - side) // 2, (nh - side) // 2
     return np.asarray(im.crop((left, top, left + side, top + side)), dtype=np.uint8)
 

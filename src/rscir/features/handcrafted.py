@@ -59,7 +59,7 @@ def to_working_array(image: ImageLike, size: int = 128) -> np.ndarray:
             arr = np.repeat(arr, 3, axis=-1)
         im = Image.fromarray(np.ascontiguousarray(arr[..., :3]))
     if im.size != (size, size):
-        im = im.resize((size, size), Image.BILINEAR, reducing_gap=None)
+        im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
     return np.asarray(im, dtype=np.uint8)
 
 

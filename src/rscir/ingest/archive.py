@@ -31,7 +31,8 @@ def scan_folder(root: str | os.PathLike[str]) -> tuple[list[FileEntry], list[Fil
         raise PathNotFoundError(f"archive folder not found: {r}")
     if not r.is_dir():
         raise InvalidArgumentError(f"not a folder: {r} (index a folder of images)")
-    images, others = [], []
+    images: list[FileEntry] = []
+    others: list[FileEntry] = []
     for dirpath, dirnames, filenames in os.walk(r):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in sorted(filenames):

@@ -64,7 +64,7 @@ def iter_decoded(
             yield [ds[i] for i in range(s, min(s + batch_size, len(ds)))]
         return
     loader = DataLoader(
-        ds,  # type: ignore[arg-type]
+        ds,
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=list,

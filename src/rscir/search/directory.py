@@ -58,6 +58,8 @@ def fused_scores(
     WeiCom uses the full-archive ``stats`` whatever rows are scored."""
     qi = np.atleast_2d(img) if img is not None and method in NEEDS_IMAGE else None
     qt = np.atleast_2d(txt) if txt is not None and method in NEEDS_TEXT else None
+    si: np.ndarray | None
+    st: np.ndarray | None
     if qi is not None and qt is not None:
         both = chunked_similarities(
             embeddings, np.concatenate([qi, qt]).astype(np.float32), chunk_rows, rows)

@@ -296,7 +296,7 @@ def composed_topk(
     comb = (
         None
         if weights is None
-        else (weights[0] * qi + weights[1] * qt).astype(np.float32)  # type: ignore[operator]
+        else (weights[0] * qi + weights[1] * qt).astype(np.float32)
     )
 
     active = np.arange(nq)

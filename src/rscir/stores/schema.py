@@ -66,6 +66,8 @@ def _is_missing(v: Any) -> bool:
 def normalize_items(items: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
     """Coerce item metadata to the store's columns and dtypes (missing columns get defaults)."""
     df = pd.DataFrame(list(items)) if isinstance(items, list) else items.copy()
+    if len(df) == 0 and "path" not in df:
+        df = pd.DataFrame({"path": pd.Series(dtype=object)})
     n = len(df)
     if "path" not in df:
         raise InvalidArgumentError("items need a 'path' column")

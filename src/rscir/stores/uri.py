@@ -11,13 +11,9 @@ from pathlib import Path
 
 from ..encoders.base import ModelInfo
 from .base import EmbeddingStore
+from .postgres.uri import is_pg_uri
 
 StoreLocation = str | os.PathLike[str]
-
-
-def is_pg_uri(location: object) -> bool:
-    """True for ``postgresql://`` / ``postgres://`` store addresses."""
-    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
 
 
 def store_class(location: StoreLocation) -> type[EmbeddingStore]:

@@ -6,10 +6,16 @@ import re
 import urllib.parse
 
 from ...errors import InvalidArgumentError
-from ..uri import is_pg_uri
+
+SCHEMES = ("postgresql://", "postgres://")
 
 DEFAULT_SCHEMA = "rscir"
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def is_pg_uri(location: object) -> bool:
+    """True for ``postgresql://`` / ``postgres://`` store addresses."""
+    return isinstance(location, str) and location.startswith(SCHEMES)
 
 
 def split_uri(uri: str) -> tuple[str, str]:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, shared_data_dir
 from PIL import Image
 
 from rscir.encoders import default_registry, load_encoder
@@ -20,8 +20,7 @@ torch.set_num_threads(1)
 
 
 def _shared_data() -> Path:
-    env = os.environ.get("RSCIR_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return shared_data_dir()
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def test_model_card_recipe_matches_the_shipped_weights() -> None:
     from rscir.cli.train import configs
     from rscir.encoders.towers import TowerConfig
 
-    card = (Path(__file__).resolve().parents[1] / "docs" / "MODEL_CARD_rscir-mini.md").read_text()
+    card = (REPO / "docs" / "MODEL_CARD_rscir-mini.md").read_text()
     block = re.search(r"```bash\n(rscir train runs/rscir-mini .*?)```", card, re.S)
     assert block, "the model card must give the training command"
     args = build_parser().parse_args(shlex.split(block.group(1).replace("\\\n", " "))[1:])

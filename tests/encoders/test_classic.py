@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_data_dir
 from PIL import Image
 
 from rscir.encoders import default_registry, load_encoder
@@ -16,8 +16,7 @@ from rscir.features import HandcraftedDescriptor, describe, to_working_array
 
 
 def _shared_data() -> Path | None:
-    env = os.environ.get("RSCIR_SHARED_DATA")
-    p = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    p = shared_data_dir()
     return p if p.is_dir() else None
 
 
