@@ -123,6 +123,8 @@ class Offline:
         self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
         self.page.on("console", lambda m: m.type == "error" and not _expected_console(m.text)
                      and self.errors.append(f"console: {m.text}"))
+        self.page.on("response", lambda r: r.status >= 400 and "/static" in r.url
+                     and self.errors.append(f"asset {r.url}: HTTP {r.status}"))
 
     def _route(self, route) -> None:
         host = urlsplit(route.request.url).hostname or ""
