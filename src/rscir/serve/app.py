@@ -42,7 +42,7 @@ log = logging.getLogger("rscir.serve")
 DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
             "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; "
             "worker-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'")
-DOCS_ASSETS = "/static-docs"  # where the Swagger UI / ReDoc files are mounted
+DOCS_ASSETS = "/static-docs"  # where the Swagger UI files (fastapi-offline) are mounted
 PREVIEW_MAX = 512  # longest side of an upload's PNG preview (POST /preview)
 MAX_ID = 2**63 - 1  # item ids are int64
 Method = Literal["weicom", "image", "text", "average", "sum", "product"]
