@@ -39,12 +39,14 @@ from .uploads import UploadError, decode_upload
 
 log = logging.getLogger("rscir.serve")
 
-# Swagger UI (/docs) loads its script and styles from a CDN and runs an inline script; every
-# other route keeps the strict policy of middleware.SECURITY_HEADERS.
-DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-            "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-            "img-src 'self' data: https://fastapi.tiangolo.com; connect-src 'self'; "
-            "frame-ancestors 'none'")
+# /docs (Swagger UI) runs an inline script and loads its assets from the package
+# (fastapi-offline ships them), never from a CDN; every other route keeps the strict policy of
+# middleware.SECURITY_HEADERS.
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
+            "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; "
+            "worker-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'")
+DOCS_ASSETS = "/static-docs"  # where the Swagger UI files (fastapi-offline) are mounted
+PREVIEW_MAX = 512  # longest side of an upload's PNG preview (POST /preview)
 MAX_ID = 2**63 - 1  # item ids are int64
 Method = Literal["weicom", "image", "text", "average", "sum", "product"]
 
@@ -351,7 +353,7 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
         summary="Composed image retrieval (query image + text modifier) for remote sensing",
         version=_version(),
         lifespan=lifespan,
-        docs_url=None,  # served below, with a CSP that lets Swagger UI load its CDN assets
+        docs_url=None,  # served by _install_docs from the package's files (works offline)
         redoc_url=None,
     )
     app.state.api = api
@@ -385,11 +387,7 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
 
     app.mount("/static", StaticFiles(directory=_web_dir()), name="static")
 
-    @app.get("/docs", include_in_schema=False)
-    async def docs() -> HTMLResponse:
-        page = get_swagger_ui_html(openapi_url="/openapi.json", title="rscir API")
-        page.headers["content-security-policy"] = DOCS_CSP
-        return page
+    _install_docs(app)
 
     @app.get("/healthz", summary="liveness")
     async def healthz() -> dict[str, Any]:
@@ -424,6 +422,24 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
         data = await api.run(api.thumbnail, item_id, min(size, cfg.thumb_max))
         return Response(data, media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.post(
+        "/preview", summary="a PNG preview of an image file (TIFF, multi-band) as search sees it",
+        response_class=Response, responses={200: {"content": {"image/png": {}}}},
+        description=("multipart/form-data with the image in part `image`: decoded as /search "
+                     "decodes uploads (any raster the indexer accepts), returned as a PNG of at "
+                     f"most {PREVIEW_MAX} px a side, for browsers that cannot show the file."),
+        openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+            "schema": {"type": "object", "required": ["image"],
+                       "properties": {"image": {"type": "string", "format": "binary"}}}}}}},
+    )
+    async def preview(request: Request) -> Response:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "multipart/form-data":
+            raise HTTPException(415, "send multipart/form-data with the image in part 'image'")
+        _, data = await _read_multipart(request, cfg)
+        png = await api.run(_preview_png, data or b"", cfg)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @app.post(
         "/search",
@@ -533,3 +549,50 @@ def _install_openapi(app: FastAPI) -> None:
 
     app.openapi = openapi  # type: ignore[method-assign]
 
+
+def _preview_png(data: bytes, cfg: ServeConfig) -> bytes:
+    """An upload decoded exactly as a query image is (so the preview is what search sees)."""
+    from PIL import Image
+
+    img = decode_upload(data, max_bytes=cfg.max_upload_bytes, max_pixels=cfg.max_pixels)
+    img.thumbnail((PREVIEW_MAX, PREVIEW_MAX), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _install_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) from the files fastapi-offline ships, so it works with no internet;
+    without that package it says where the schema is instead of loading a CDN. (No /redoc:
+    ReDoc's side menu loads its logo from cdn.redoc.ly whatever the options.)"""
+    try:
+        import fastapi_offline
+
+        assets: pathlib.Path | None = pathlib.Path(fastapi_offline.__file__).parent / "static"
+    except ImportError:
+        assets = None
+
+    if assets is None or not (assets / "swagger-ui-bundle.js").is_file():
+        note = ("<!doctype html><meta charset=utf-8><title>rscir API</title>"
+                "<p>The interactive API docs need the <code>fastapi-offline</code> package "
+                "(<code>pip install 'rscir[serve]'</code>). The schema is at "
+                "<a href=\"/openapi.json\">/openapi.json</a>.</p>")
+
+        @app.get("/docs", include_in_schema=False)
+        async def no_docs() -> HTMLResponse:
+            return HTMLResponse(note)
+
+        return
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="static-docs")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        page = get_swagger_ui_html(
+            openapi_url="/openapi.json", title="rscir API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None})
+        page.headers["content-security-policy"] = DOCS_CSP
+        return page
