@@ -64,6 +64,10 @@ class StoreLockedError(StoreError):
     """Another process writes (or creates) the store."""
 
 
+class StoreExistsError(StoreError):
+    """A store already exists where a new one was to be created."""
+
+
 class StoreDamagedError(StoreError):
     """A store's files or tables do not agree with what it recorded; names verify/repair."""
 

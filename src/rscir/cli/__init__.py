@@ -1,4 +1,7 @@
-"""The ``rscir`` command line: one subcommand module per capability under ``rscir.commands``."""
+"""The ``rscir`` command line: one subcommand module per capability under ``rscir.cli``.
+
+Argument parsing lives here only; the modules call the library and print. Every error rscir
+raises on purpose is an :class:`~rscir.errors.RscirError`: printed as one line, exit status 2."""
 
 from __future__ import annotations
 
@@ -8,13 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from .._version import __version__
-from . import ann, bench, core, serve, train
+from ..errors import RscirError
+from . import ann, bench, core, serve, store, train
 
-COMMAND_MODULES = (core, bench, train, ann, serve)
-
-
-class CliError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
+COMMAND_MODULES = (core, store, bench, train, ann, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rscir: interrupted", file=sys.stderr)
         return 130
-    except (CliError, OSError, ValueError, RuntimeError, KeyError) as e:
+    except (RscirError, OSError, ValueError, RuntimeError, KeyError) as e:
+        # TODO(layout): RscirError alone once every raise site uses rscir.errors
         if args.verbose:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -21,9 +21,10 @@ import numpy as np
 import pandas as pd
 
 from ..encoders.base import ModelInfo
-from ..errors import InvalidArgumentError, ModelMismatchError, StoreError
+from ..errors import InvalidArgumentError, ModelMismatchError, StoreError, StoreExistsError
 from ..moments import Moments
 from .filters import ItemFilter
+from .integrity import RepairReport, VerifyReport
 from .schema import DTYPES, Manifest, check_dtype, normalize_items
 
 S = TypeVar("S", bound="EmbeddingStore")
@@ -62,7 +63,10 @@ class EmbeddingStore(ABC):
         """Open for appending (checking model, archive root and dtype) or create if absent."""
         check_dtype(dtype)
         if not cls.exists(location):
-            return cls.create(location, model, root, dtype=dtype)
+            try:
+                return cls.create(location, model, root, dtype=dtype)
+            except StoreExistsError:
+                pass  # another process created it since: open it like any existing store
         st = cls.open(location, writable=True)
         try:
             st.check_model(model)
@@ -245,6 +249,17 @@ class EmbeddingStore(ABC):
 
     def _info_extra(self) -> dict[str, Any]:
         return {}
+
+    # ----------------------------------------------------------------- integrity
+    @classmethod
+    @abstractmethod
+    def verify_at(cls, location: str | os.PathLike[str]) -> VerifyReport:
+        """Check the whole store at ``location`` without changing it (``rscir verify``)."""
+
+    @classmethod
+    @abstractmethod
+    def repair_at(cls, location: str | os.PathLike[str], *, purge: bool = False) -> RepairReport:
+        """Rebuild what can be rebuilt, set aside the rest (``rscir repair``)."""
 
     # ----------------------------------------------------------------- closing
     @abstractmethod

@@ -29,9 +29,10 @@ import numpy as np
 import pandas as pd
 
 from ...encoders.base import ModelInfo
-from ...errors import StoreError, StoreLockedError, UnknownItemError
+from ...errors import StoreError, StoreExistsError, StoreLockedError, UnknownItemError
 from ...moments import Moments
 from ..base import EmbeddingStore
+from ..integrity import Problem, RepairReport, VerifyReport
 from ..schema import COLUMNS, DTYPES, ITEM_COLUMNS, Column, Manifest, check_dtype, normalize_items
 from .pool import Pool, connect, db_errors, sql
 from .uri import redact_uri, split_uri
@@ -61,11 +62,13 @@ class PostgresStore(EmbeddingStore):
     backend: ClassVar[str] = "postgres"
     location_hint: ClassVar[str] = "?schema="
 
-    def __init__(self, uri: str, *, writable: bool = False, pool_size: int = 8) -> None:
+    def __init__(self, uri: str, *, writable: bool = False, pool_size: int = 8,
+                 _locked_conn: Any = None) -> None:
         self.uri = uri
         self.conninfo, self.schema = split_uri(uri)
         self.writable = writable
-        self._conn = connect(uri, self.conninfo)
+        self._conn = _locked_conn if _locked_conn is not None else connect(uri, self.conninfo)
+        self._have_lock = _locked_conn is not None
         self._lock = threading.RLock()
         self.pool = Pool(self.conninfo, pool_size)
         self._cache: dict[str, Any] = {}
@@ -83,7 +86,7 @@ class PostgresStore(EmbeddingStore):
             raise StoreError(
                 f"no store at {redact_uri(self.uri)} (schema {self.schema!r}): run "
                 "`rscir index FOLDER --store URI` first")
-        if self.writable:
+        if self.writable and not self._have_lock:
             self._acquire_lock()
         self._conn.commit()
         self._load_meta()
@@ -117,33 +120,45 @@ class PostgresStore(EmbeddingStore):
         cols = ", ".join(f"{c.name} {c.sql}" for c in COLUMNS).replace("{", "{{").replace("}", "}}")
         vec = f"{VEC_TYPE[dtype]}({int(model.dim)})"
         conn = connect(uri, conninfo)
-        with db_errors(uri), conn:
-            _ensure_extension(conn, uri)
-            if _has_store(conn, schema):
-                raise StoreError(f"{redact_uri(uri)} already holds a store; open it instead")
-            for stmt in (
-                "CREATE SCHEMA IF NOT EXISTS {s}",
-                f"CREATE TABLE {{s}}.items ({cols}, embedding {vec} NOT NULL)",
-                "CREATE INDEX ON {s}.items (label)",
-                "CREATE INDEX ON {s}.items USING gin (labels)",
-                "CREATE INDEX ON {s}.items (lon, lat)",
-                "CREATE TABLE {s}.moments (one boolean PRIMARY KEY DEFAULT true CHECK (one), "
-                "n bigint NOT NULL, sum bytea NOT NULL, sumsq bytea NOT NULL)",
-                "CREATE TABLE {s}.meta (one boolean PRIMARY KEY DEFAULT true CHECK (one), "
-                "manifest jsonb NOT NULL, next_id bigint NOT NULL, generation bigint NOT NULL, "
-                "max_norm double precision NOT NULL, hnsw jsonb NOT NULL)",
-            ):
-                conn.execute(sql(stmt, schema))
-            z = Moments.zeros(int(model.dim))
-            conn.execute(sql("INSERT INTO {s}.moments (n, sum, sumsq) VALUES (0, %s, %s)", schema),
-                         (pack(z.sum), pack(z.sumsq)))
-            conn.execute(
-                sql("INSERT INTO {s}.meta (manifest, next_id, generation, max_norm, hnsw) "
-                    "VALUES (%s, 0, 0, 0, %s)", schema),
-                (json.dumps(manifest.to_dict()),
-                 json.dumps({"m": int(m), "ef_construction": int(ef_construction)})))
-        conn.close()
-        return cls(uri, writable=True)
+        try:
+            with db_errors(uri):
+                # the writer lock first, on this session: of two creators one creates, the other
+                # is told so; the store is handed over still locked
+                if not conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                                    (f"rscir:{schema}",)).fetchone()[0]:
+                    raise StoreLockedError(f"store {redact_uri(uri)} is being created or written "
+                                           "by another process; try again when it is done")
+                conn.commit()
+                with conn.transaction():
+                    _ensure_extension(conn, uri)
+                    if _has_store(conn, schema):
+                        raise StoreExistsError(
+                            f"{redact_uri(uri)} already holds a store; open it instead")
+                    for stmt in (
+                        "CREATE SCHEMA IF NOT EXISTS {s}",
+                        f"CREATE TABLE {{s}}.items ({cols}, embedding {vec} NOT NULL)",
+                        "CREATE INDEX ON {s}.items (label)",
+                        "CREATE INDEX ON {s}.items USING gin (labels)",
+                        "CREATE INDEX ON {s}.items (lon, lat)",
+                        "CREATE TABLE {s}.moments (one boolean PRIMARY KEY DEFAULT true CHECK "
+                        "(one), n bigint NOT NULL, sum bytea NOT NULL, sumsq bytea NOT NULL)",
+                        "CREATE TABLE {s}.meta (one boolean PRIMARY KEY DEFAULT true CHECK (one), "
+                        "manifest jsonb NOT NULL, next_id bigint NOT NULL, generation bigint NOT "
+                        "NULL, max_norm double precision NOT NULL, hnsw jsonb NOT NULL)",
+                    ):
+                        conn.execute(sql(stmt, schema))
+                    z = Moments.zeros(int(model.dim))
+                    conn.execute(sql("INSERT INTO {s}.moments (n, sum, sumsq) VALUES (0, %s, %s)",
+                                     schema), (pack(z.sum), pack(z.sumsq)))
+                    conn.execute(
+                        sql("INSERT INTO {s}.meta (manifest, next_id, generation, max_norm, hnsw) "
+                            "VALUES (%s, 0, 0, 0, %s)", schema),
+                        (json.dumps(manifest.to_dict()),
+                         json.dumps({"m": int(m), "ef_construction": int(ef_construction)})))
+        except BaseException:
+            conn.close()  # ends the session: releases the lock
+            raise
+        return cls(uri, writable=True, _locked_conn=conn)
 
     def _acquire_lock(self) -> None:
         got = self._conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
@@ -376,6 +391,57 @@ class PostgresStore(EmbeddingStore):
                 self._conn.execute(sql("ANALYZE {s}.items", self.schema))
             finally:
                 self._conn.autocommit = False
+
+
+    # ----------------------------------------------------------------- verify / repair
+    @classmethod
+    def verify_at(cls, location: str | os.PathLike[str]) -> VerifyReport:
+        """Recompute the moments and next id from the rows and compare with what is stored;
+        NaN/inf rows (pgvector refuses them on insert, so only a damaged table has them)."""
+        with cls.open(location) as st:
+            rep = VerifyReport(st.location, items=len(st), segments=1)
+            x = np.asarray(st.embeddings, np.float64)
+            rep.checked_bytes = int(x.size * np.dtype(st.dtype).itemsize)
+            bad = ~np.isfinite(x).all(axis=1)
+            if bad.any():
+                rep.problems.append(Problem("items", f"{int(bad.sum())} embedding(s) hold NaN "
+                                            "or inf", "re-index those items"))
+            ref, m = Moments.of(x), st.moments()
+            scale = max(1.0, float(np.abs(ref.sumsq).max()))
+            if m.n != ref.n or not np.allclose(m.sumsq, ref.sumsq, atol=1e-6 * scale) or \
+                    not np.allclose(m.sum, ref.sum, atol=1e-6 * scale):
+                rep.problems.append(Problem("moments", f"do not match the {ref.n} rows "
+                                            f"(n={m.n})", f"`rscir repair {st.location}`"))
+            ids = st.ids
+            if len(ids) and int(ids.max()) >= st._next_id:
+                rep.problems.append(Problem("meta", f"next_id {st._next_id} is not above the "
+                                            f"largest id {int(ids.max())}",
+                                            f"`rscir repair {st.location}`"))
+            if len(st) and not st.has_hnsw():
+                rep.notes.append("no HNSW index yet (`rscir index` builds it at the end)")
+        return rep
+
+    @classmethod
+    def repair_at(cls, location: str | os.PathLike[str], *, purge: bool = False) -> RepairReport:
+        """Recompute moments, next id and the norm bound from the rows (one transaction)."""
+        with cls.open(location, writable=True) as st:
+            rep = RepairReport(st.location)
+            x = np.asarray(st.embeddings)
+            mom = Moments.of(x)
+            next_id = int(st.ids.max()) + 1 if len(st) else 0
+            max_norm = float(np.linalg.norm(x.astype(np.float64), axis=1).max()) if len(x) else 0.0
+            s = st.schema
+            with st._lock, db_errors(st.uri), st._conn.transaction():
+                cur = st._conn.cursor()
+                cur.execute(sql("UPDATE {s}.moments SET n = %s, sum = %s, sumsq = %s", s),
+                            (mom.n, pack(mom.sum), pack(mom.sumsq)))
+                cur.execute(sql("UPDATE {s}.meta SET next_id = greatest(next_id, %s), "
+                                "generation = generation + 1, max_norm = %s", s),
+                            (next_id, max_norm))
+            rep.actions.append(f"recomputed moments over {mom.n} rows, next_id and norm bound")
+            if len(st):
+                st.compact()
+        return rep
 
 
 def _has_store(conn: Any, schema: str) -> bool:
