@@ -62,7 +62,16 @@ from .integrity import (
     quarantine,
     sha256_file,
 )
-from .schema import DTYPES, FORMAT_VERSION, ITEM_COLUMNS, Manifest, check_dtype, empty_items
+from .schema import (
+    DTYPES,
+    FORMAT_VERSION,
+    ITEM_COLUMNS,
+    REQUIRED_COLUMNS,
+    Manifest,
+    check_dtype,
+    empty_items,
+    normalize_items,
+)
 
 STATE_FORMAT = 2  # 1: segments as bare names, no checksums (read, upgraded by the next writer)
 SEGMENT_FILES = ("embeddings.npy", "items.parquet", "moments.npz")
@@ -394,10 +403,12 @@ class DirectoryStore(EmbeddingStore):
         except Exception as e:  # noqa: BLE001 - any parse failure of the file is damage
             raise StoreDamagedError(f"{where}: items.parquet is unreadable ({e}); "
                                     f"{_fix(self.path)}") from e
-        missing = [c for c in ITEM_COLUMNS if c not in df]
+        missing = [c for c in REQUIRED_COLUMNS if c not in df]
         if missing:
             raise StoreDamagedError(f"{where}: items.parquet lacks columns {missing}; "
                                     f"{_fix(self.path)}")
+        if any(c not in df for c in ITEM_COLUMNS):  # written by an older rscir: fill defaults
+            df = normalize_items(df)
         try:
             with np.load(d / "moments.npz") as z:
                 m = Moments(int(z["n"]), np.asarray(z["sum"], np.float64),
@@ -661,8 +672,8 @@ class DirectoryStore(EmbeddingStore):
         if state is None:
             return rep
         if state.format < STATE_FORMAT:
-            rep.notes.append("format-1 store: no checksums recorded yet (`rscir repair` or the "
-                             "next `rscir index` records them)")
+            rep.notes.append("format-1 store: no checksums recorded yet (`rscir repair` records "
+                             "them, as does the next commit of `rscir index`)")
         rep.segments = len(state.segments)
         for rec in state.segments:
             rep.problems += store._verify_segment(rec, rep)

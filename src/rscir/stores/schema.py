@@ -41,12 +41,18 @@ COLUMNS: tuple[Column, ...] = (
     Column("height", "int64", -1, "integer NOT NULL"),
     Column("label", "object", None, "text"),
     Column("labels", "object", None, "text[] NOT NULL DEFAULT '{}'"),
-    Column("lon", "float64", np.nan, "double precision"),
+    Column("lon", "float64", np.nan, "double precision"),  # centre of the footprint, WGS84
     Column("lat", "float64", np.nan, "double precision"),
+    Column("datetime", "datetime64[ns, UTC]", pd.NaT, "timestamptz"),  # acquisition time
+    Column("crs", "object", None, "text"),  # the source raster's CRS ("EPSG:32633")
+    Column("footprint", "object", None, "bytea"),  # WKB polygon in WGS84, (lon, lat) order
+    Column("footprint_native", "object", None, "bytea"),  # WKB polygon in ``crs``
 )
 ITEM_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS)
+REQUIRED_COLUMNS: tuple[str, ...] = ("id", "path")  # older stores lack the later ones
 _INT_COLUMNS = tuple(c.name for c in COLUMNS if c.dtype == "int64")
 _FLOAT_COLUMNS = tuple(c.name for c in COLUMNS if c.dtype == "float64")
+_WKB_COLUMNS = ("footprint", "footprint_native")
 
 
 def check_dtype(dtype: str) -> str:
@@ -60,7 +66,26 @@ def empty_items() -> pd.DataFrame:
 
 
 def _is_missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and np.isnan(v))
+    return v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NaT
+
+
+def to_wkb(v: Any) -> bytes | None:
+    """A geometry as WKB bytes: from WKB, a shapely geometry, WKT, or a GeoJSON mapping."""
+    if _is_missing(v):
+        return None
+    if isinstance(v, bytes | bytearray | memoryview):
+        return bytes(v)
+    import shapely
+
+    if isinstance(v, str):
+        g = shapely.from_wkt(v)
+    elif isinstance(v, dict):
+        from shapely.geometry import shape
+
+        g = shape(v)
+    else:
+        g = v
+    return bytes(shapely.to_wkb(g))
 
 
 def normalize_items(items: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
@@ -83,6 +108,11 @@ def normalize_items(items: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
         df[col] = pd.to_numeric(df[col]).fillna(-1).astype("int64")
     for col in _FLOAT_COLUMNS:
         df[col] = pd.to_numeric(df[col]).astype("float64")
+    df["datetime"] = pd.to_datetime(df["datetime"], utc=True, errors="coerce").astype(
+        "datetime64[ns, UTC]")
+    df["crs"] = [None if _is_missing(v) else str(v) for v in df["crs"]]
+    for col in _WKB_COLUMNS:
+        df[col] = [to_wkb(v) for v in df[col]] if df[col].notna().any() else [None] * n
     return df[list(ITEM_COLUMNS)].reset_index(drop=True)
 
 

@@ -45,10 +45,11 @@ _COPY_TYPES = {"int64": "int8", "object": "text", "float64": "float8"}
 
 
 def _copy_type(c: Column) -> str:
-    if c.sql.startswith("text[]"):
-        return "text[]"
-    if c.sql.startswith("integer"):
-        return "int4"
+    """COPY's binary type of a column: its SQL type's name."""
+    for prefix, t in (("text[]", "text[]"), ("integer", "int4"), ("timestamptz", "timestamptz"),
+                      ("bytea", "bytea")):
+        if c.sql.startswith(prefix):
+            return t
     return _COPY_TYPES[c.dtype]
 
 
@@ -88,8 +89,28 @@ class PostgresStore(EmbeddingStore):
                 "`rscir index FOLDER --store URI` first")
         if self.writable and not self._have_lock:
             self._acquire_lock()
+        self._columns = self._present_columns()
+        if self.writable and len(self._columns) < len(ITEM_COLUMNS):
+            self._add_missing_columns()
         self._conn.commit()
         self._load_meta()
+
+    def _present_columns(self) -> tuple[str, ...]:
+        """The metadata columns this store's table has (older stores lack later ones)."""
+        rows = self._conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND "
+            "table_name = 'items'", (self.schema,)).fetchall()
+        have = {r[0] for r in rows}
+        return tuple(c for c in ITEM_COLUMNS if c in have)
+
+    def _add_missing_columns(self) -> None:
+        """Bring a table written by an older rscir up to :data:`COLUMNS` (no data changes)."""
+        for c in COLUMNS:
+            if c.name not in self._columns:
+                decl = f"{c.name} {c.sql}".replace("{", "{{").replace("}", "}}")
+                self._conn.execute(sql("ALTER TABLE {s}.items ADD COLUMN IF NOT EXISTS " + decl,
+                                       self.schema))
+        self._columns = self._present_columns()
 
     # ----------------------------------------------------------------- creation / opening
     @classmethod
@@ -234,9 +255,9 @@ class PostgresStore(EmbeddingStore):
     def query_frame(self, where: str = "", params: Sequence[Any] = ()) -> pd.DataFrame:
         """Item metadata selected by an SQL ``WHERE`` clause (ordered by id)."""
         with db_errors(self.uri), self.pool.connection() as conn:
-            rows = conn.execute(sql(f"SELECT {', '.join(ITEM_COLUMNS)} FROM {{s}}.items {where} "
+            rows = conn.execute(sql(f"SELECT {', '.join(self._columns)} FROM {{s}}.items {where} "
                                     "ORDER BY id", self.schema), params).fetchall()
-        return _frame(rows)
+        return _frame(rows, self._columns)
 
     @property
     def items(self) -> pd.DataFrame:
@@ -355,25 +376,12 @@ class PostgresStore(EmbeddingStore):
         cols = ", ".join(ITEM_COLUMNS) + ", embedding"
         types = [_copy_type(c) for c in COLUMNS] + [self.vec_type]
         df = normalize_items(df)
-        columns = [df[c].tolist() for c in ITEM_COLUMNS]
-        kinds = [c.dtype for c in COLUMNS]
+        columns = [_sql_values(c, df[c.name]) for c in COLUMNS]
         with cur.copy(sql(f"COPY {{s}}.items ({cols}) FROM STDIN (FORMAT BINARY)",
                           self.schema)) as cp:
             cp.set_types(types)
             for i in range(len(df)):
-                row: list[Any] = []
-                for c, kind, vals in zip(COLUMNS, kinds, columns, strict=True):
-                    v = vals[i]
-                    if c.name == "labels":
-                        row.append([str(x) for x in v])
-                    elif kind == "float64":
-                        row.append(None if v is None or np.isnan(v) else float(v))
-                    elif kind == "int64":
-                        row.append(int(v))
-                    else:
-                        row.append(v if isinstance(v, str) else None)
-                row.append(emb[i])
-                cp.write_row(row)
+                cp.write_row([col[i] for col in columns] + [emb[i]])
 
     def compact(self) -> None:
         """Finish a bulk load: build the HNSW index if missing (cheaper once than per insert)
@@ -444,6 +452,19 @@ class PostgresStore(EmbeddingStore):
         return rep
 
 
+def _sql_values(c: Column, values: pd.Series) -> list[Any]:
+    """One column's values as psycopg sends them (None for missing)."""
+    if c.name == "labels":
+        return [[str(x) for x in v] for v in values]
+    if c.dtype == "float64":
+        return [None if np.isnan(v) else float(v) for v in values.to_numpy(np.float64)]
+    if c.dtype == "int64":
+        return [int(v) for v in values]
+    if c.dtype.startswith("datetime64"):
+        return [None if pd.isna(v) else v.to_pydatetime() for v in values]
+    return [v if isinstance(v, str | bytes) else None for v in values]
+
+
 def _has_store(conn: Any, schema: str) -> bool:
     row = conn.execute("SELECT to_regclass(%s)", (f"{schema}.meta",)).fetchone()
     return row is not None and row[0] is not None
@@ -476,8 +497,8 @@ def _check_version(conn: Any, uri: str) -> None:
                          "iterative index scans, so that filtered searches still return k rows)")
 
 
-def _frame(rows: list[tuple[Any, ...]]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=list(ITEM_COLUMNS))
+def _frame(rows: list[tuple[Any, ...]], columns: Sequence[str] = ITEM_COLUMNS) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=list(columns))
     if not len(df):
         return normalize_items(pd.DataFrame({"path": pd.Series(dtype=object)}))
     df["labels"] = [list(v) if v is not None else [] for v in df["labels"]]
