@@ -89,3 +89,17 @@ def pg_uri() -> Iterator[str]:
 def with_schema(uri: str, schema: str) -> str:
     sep = "&" if urllib.parse.urlsplit(uri).query else "?"
     return f"{uri}{sep}schema={schema}"
+
+
+_pg_schemas = iter(range(10**9))
+
+
+@pytest.fixture()
+def store_location(request: pytest.FixtureRequest, tmp_path: Path):
+    """A factory of fresh store addresses of the backend named by the (indirect) parameter:
+    ``embedded`` (a directory under tmp_path) or ``postgres`` (a new schema on ``pg_uri``)."""
+    if request.param == "embedded":
+        names = iter(range(10**9))
+        return lambda: str(tmp_path / f"store{next(names)}")
+    uri = request.getfixturevalue("pg_uri")
+    return lambda: with_schema(uri, f"s{os.getpid()}_{next(_pg_schemas)}")

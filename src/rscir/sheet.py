@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .search.searcher import SearchResult
+from .search.results import SearchResult, score_decimals
 from .stores.base import EmbeddingStore
 
 
@@ -70,6 +70,7 @@ def contact_sheet(
             sheet.paste(q, (pad, y))
             draw.rectangle([pad - 2, y - 2, pad + q.width + 1, y + q.height + 1], outline=(0, 90, 200), width=2)
         draw.text((pad, y + thumb + 4), f"λ = {res.lam:g}", fill=(0, 90, 200), font=f_small)
+        dec = score_decimals([h.score for h in res.hits], lo=3)  # WeiCom scores crowd near 1
         for hi, hit in enumerate(res.hits):
             x = left_w + hi * (thumb + pad)
             try:
@@ -78,7 +79,7 @@ def contact_sheet(
             except (ValueError, OSError):
                 t = Image.new("RGB", (thumb, thumb), (90, 90, 90))
             sheet.paste(t, (x, y))
-            draw.text((x, y + thumb + 2), f"#{hit.rank}  {hit.score:.3f}", fill=(0, 0, 0), font=f_small)
+            draw.text((x, y + thumb + 2), f"#{hit.rank}  {hit.score:.{dec}f}", fill=(0, 0, 0), font=f_small)
             if hit.label:
                 draw.text((x, y + thumb + 15), str(hit.label)[:22], fill=(80, 80, 80), font=f_small)
     out = Path(out)

@@ -263,9 +263,14 @@ def test_concurrent_searches_agree(client, archive) -> None:
     (b'{"item_id": 0, "texts": ["a"], "filter": {"labels": [""]}}', 422),
     (b'{"item_id": 0, "image_token": "' + b"a" * 64 + b'", "texts": ["a"]}', 422),
     (b'{"image_token": "../../etc/passwd", "texts": ["a"]}', 422),
-    (b'{"item_id": 0}', 422),                        # weicom needs a text
-    (b'{"texts": ["a"]}', 422),                      # weicom needs an image
-    (b'{"item_id": 0, "texts": ["   "]}', 422),      # a blank text is no text
+    (b'{"item_id": 0, "method": "weicom"}', 422),    # weicom needs a text (at this λ)
+    (b'{"texts": ["a"], "method": "weicom"}', 422),  # weicom needs an image
+    (b'{"item_id": 0, "method": "sum", "texts": ["   "]}', 422),  # a blank text is no text
+    (b'{"texts": []}', 422),                         # no query at all
+    (b'{"item_id": 0, "method": "nope", "texts": ["a"]}', 422),
+    (b'{"item_id": 0, "k": 3}', 200),                # an image alone: image-only
+    (b'{"texts": ["a"], "k": 3}', 200),              # a text alone: text-only
+    (b'{"item_id": 0, "method": "weicom", "lam": 0, "k": 3}', 200),  # λ = 0: image only
     (b'{"item_id": 0, "texts": ["a"], "method": "image", "k": 3}', 200),
     (b'{"texts": ["a"], "method": "text", "k": 3}', 200),
     (b'{"item_id": 123456, "texts": ["a"]}', 404),

@@ -7,13 +7,11 @@ cases skip, saying why, when it cannot start.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import with_schema
 
 from rscir.encoders.base import ModelInfo, l2_normalize
 from rscir.errors import (
@@ -33,7 +31,6 @@ DIM = 16
 INFO = ModelInfo(name="m", arch="A", fingerprint="sha256:aa", dim=DIM)
 OTHER = ModelInfo(name="o", arch="B", fingerprint="sha256:bb", dim=DIM)
 BACKENDS = ["embedded", "postgres"]
-_schemas = itertools.count()
 
 
 def archive(n: int, seed: int = 0) -> tuple[np.ndarray, list[dict]]:
@@ -50,13 +47,8 @@ def archive(n: int, seed: int = 0) -> tuple[np.ndarray, list[dict]]:
 
 
 @pytest.fixture()
-def location(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], str]:
-    """Fresh store addresses of the parametrized backend."""
-    if request.param == "embedded":
-        names = itertools.count()
-        return lambda: str(tmp_path / f"store{next(names)}")
-    uri = request.getfixturevalue("pg_uri")
-    return lambda: with_schema(uri, f"contract{next(_schemas)}")
+def location(store_location: Callable[[], str]) -> Callable[[], str]:
+    return store_location
 
 
 def make(location: Callable[[], str], tmp_path: Path, n: int = 300, dtype: str = "float16",
@@ -81,7 +73,7 @@ def stored(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ writing
-@pytest.mark.parametrize("location", BACKENDS, indirect=True)
+@pytest.mark.parametrize("store_location", BACKENDS, indirect=True)
 def test_add_ids_supersede_and_moments(location: Callable[[], str], tmp_path: Path) -> None:
     x, items = archive(40, seed=3)
     with open_or_create_store(location(), INFO, tmp_path, dtype="float32") as st:
@@ -102,7 +94,7 @@ def test_add_ids_supersede_and_moments(location: Callable[[], str], tmp_path: Pa
         assert st.items_for_ids([30, 3])["path"].tolist() == ["extra.jpg", items[3]["path"]]
 
 
-@pytest.mark.parametrize("location", BACKENDS, indirect=True)
+@pytest.mark.parametrize("store_location", BACKENDS, indirect=True)
 def test_add_validates_before_writing(location: Callable[[], str], tmp_path: Path) -> None:
     x, items = archive(10)
     with open_or_create_store(location(), INFO, tmp_path) as st:
@@ -120,7 +112,7 @@ def test_add_validates_before_writing(location: Callable[[], str], tmp_path: Pat
         assert st.add(np.zeros((0, DIM)), []).tolist() == []
 
 
-@pytest.mark.parametrize("location", BACKENDS, indirect=True)
+@pytest.mark.parametrize("store_location", BACKENDS, indirect=True)
 def test_open_or_create_checks_model_root_dtype_and_one_writer(
         location: Callable[[], str], tmp_path: Path) -> None:
     loc = location()
@@ -145,7 +137,7 @@ def test_open_or_create_checks_model_root_dtype_and_one_writer(
 
 
 # ------------------------------------------------------------------------------ reading
-@pytest.mark.parametrize("location", BACKENDS, indirect=True)
+@pytest.mark.parametrize("store_location", BACKENDS, indirect=True)
 def test_lookups_resume_and_paging(store: EmbeddingStore, tmp_path: Path) -> None:
     _, items = archive(300)
     assert len(store) == 300 and store.dim == DIM and store.dtype == "float16"
@@ -176,7 +168,7 @@ def test_lookups_resume_and_paging(store: EmbeddingStore, tmp_path: Path) -> Non
     assert info["items"] == 300 and info["backend"] == store.backend and info["classes"] == 6
 
 
-@pytest.mark.parametrize("location", BACKENDS, indirect=True)
+@pytest.mark.parametrize("store_location", BACKENDS, indirect=True)
 def test_moments_equal_the_stored_values(store: EmbeddingStore) -> None:
     x = np.asarray(store.embeddings, np.float64)
     ref, m = Moments.of(x), store.moments()
@@ -185,7 +177,7 @@ def test_moments_equal_the_stored_values(store: EmbeddingStore) -> None:
     np.testing.assert_allclose(m.sumsq, ref.sumsq, atol=1e-9)
 
 
-@pytest.mark.parametrize("location", BACKENDS, indirect=True)
+@pytest.mark.parametrize("store_location", BACKENDS, indirect=True)
 def test_path_safety_and_artifacts(store: EmbeddingStore, tmp_path: Path) -> None:
     assert store.resolve_path("c1/0001.jpg") == (tmp_path / "c1" / "0001.jpg").resolve()
     with pytest.raises(InvalidArgumentError, match="outside the archive root"):
@@ -218,7 +210,7 @@ def assert_same(ids_a: np.ndarray, sc_a: np.ndarray, ids_b: np.ndarray, sc_b: np
         assert (np.abs(sc_a - sc_a[i]) <= tol).sum() > 1, f"rank {i}: {ids_a[i]} vs {ids_b[i]}"
 
 
-@pytest.mark.parametrize("location", BACKENDS, indirect=True)
+@pytest.mark.parametrize("store_location", BACKENDS, indirect=True)
 def test_every_strategy_equals_exact(store: EmbeddingStore) -> None:
     if store.backend == "embedded":
         build_index(store, "flat")  # type: ignore[arg-type]  # exact streams: TA certifies
@@ -256,7 +248,7 @@ def test_every_strategy_equals_exact(store: EmbeddingStore) -> None:
     assert checked == len(names) * 3 * (5 + 3)
 
 
-@pytest.mark.parametrize("location", BACKENDS, indirect=True)
+@pytest.mark.parametrize("store_location", BACKENDS, indirect=True)
 def test_filtered_hits_keep_their_unfiltered_scores(store: EmbeddingStore) -> None:
     s = Searcher(store, None)
     x = store.vectors_for_ids([10, 20])

@@ -58,17 +58,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", help="query image file")
     p.add_argument("--item-id", type=int, help="an archive item id as the query image")
     p.add_argument("--text", action="append", default=[], help="text modifier (repeat to average)")
-    p.add_argument("--method", default="weicom",
-                   choices=["weicom", "image", "text", "average", "sum", "product"])
+    p.add_argument("--method", default=None,
+                   help="fusion: weicom (default with image and text), image, text, average, "
+                   "sum, product (see `rscir.scoring`); with only an image or only a text the "
+                   "search is image-only or text-only")
     p.add_argument("--lam", type=float, default=0.5, help="λ: 0 = image only, 1 = text only")
     p.add_argument("--lams", help="several λ, e.g. 0,0.25,0.5,0.75,1 or 0:1:0.25")
-    p.add_argument("-k", type=int, default=20)
+    p.add_argument("-k", type=int, default=20, help="results per λ (up to 10000)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many results (paging)")
     p.add_argument("--include-query", action="store_true", help="keep the query item in results")
     p.add_argument("--strategy", default="auto", choices=["auto", "brute", "exact-stream", "ann"],
                    help="top-k by full scan, threshold algorithm on exact streams, or on the ANN "
                    "index of `rscir build-ann` (auto: ann when built and the archive is large)")
-    p.add_argument("--json", action="store_true", help="machine-readable results")
-    p.add_argument("--sheet", help="write a contact sheet PNG here")
+    g = p.add_argument_group("filters (hits keep their unfiltered scores)")
+    g.add_argument("--label", action="append", default=[],
+                   help="only items with this class/label (repeat: any of them)")
+    g.add_argument("--all-labels", action="store_true", help="items must have every --label")
+    g.add_argument("--bbox", help="W,S,E,N in WGS84 degrees: the footprint intersects it")
+    g.add_argument("--within", help="GeoJSON file (or inline geometry): the footprint intersects it")
+    g.add_argument("--start", help="acquired on or after (ISO date/datetime, UTC)")
+    g.add_argument("--end", help="acquired on or before (ISO date/datetime, UTC; a date = whole day)")
+    g.add_argument("--ids", help="only these item ids (comma-separated)")
+    g.add_argument("--exclude-ids", help="never these item ids (comma-separated)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="machine-readable results (= --format json)")
+    o.add_argument("--format", choices=["text", "json", "geojson", "csv", "parquet"],
+                   default=None, help="text (default), json, geojson (RFC 7946), csv, or "
+                   "parquet (GeoParquet)")
+    o.add_argument("--out", help="write to this file instead of standard output")
+    o.add_argument("--sheet", help="write a contact sheet PNG here")
     add_model_args(p)
     p.set_defaults(func=cmd_search)
 
@@ -106,48 +124,100 @@ def cmd_index(a: argparse.Namespace) -> int:
     return 0
 
 
+# Python argument names in the library's messages → this command's flags
+_FLAGS = (("item_id=", "--item-id"), ("image=", "--image"), ("text=", "--text"),
+          ("lam=", "--lam"), ("offset=", "--offset"), ("k=", "-k"), ("method=", "--method"))
+
+
+def _flags(msg: str) -> str:
+    for py, flag in _FLAGS:
+        msg = msg.replace(py, flag)
+    return msg
+
+
+def _id_list(value: str | None, flag: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise InvalidArgumentError(f"{flag} takes comma-separated item ids, got {value!r}") from None
+
+
+def search_filter(a: argparse.Namespace) -> Any:
+    """The ItemFilter the search flags describe (None without any)."""
+    from ..stores.filters import ItemFilter
+
+    f = ItemFilter(labels=tuple(a.label), all_labels=a.all_labels, bbox=a.bbox,
+                   within=a.within, start=a.start, end=a.end, ids=_id_list(a.ids, "--ids"),
+                   exclude_ids=_id_list(a.exclude_ids, "--exclude-ids") or ())
+    return None if f.is_empty() else f
+
+
 def cmd_search(a: argparse.Namespace) -> int:
-    from PIL import Image
-
     from ..api import open_searcher
-    from ..ingest.images import load_image
-    from ..sheet import contact_sheet
+    from ..errors import QueryError
+    from ..search.export import render
+    from ..search.results import score_decimals
 
-    if a.k < 1:
-        raise InvalidArgumentError("-k must be >= 1")
+    if not 1 <= a.k <= 10_000:
+        raise InvalidArgumentError("-k must be in 1..10000")
     if a.image and not Path(a.image).is_file():
         raise PathNotFoundError(f"query image not found: {a.image}")
+    fmt = a.format or ("json" if a.json else "text")
+    if fmt == "parquet" and not a.out:
+        raise InvalidArgumentError("--format parquet needs --out FILE")
     lams = parse_lams(a.lams) if a.lams else [a.lam]
+    where = search_filter(a)
     s = open_searcher(a.store, strategy=a.strategy, model=a.model, arch=a.arch,
                       checkpoint=a.checkpoint, device=a.device)
-    store = s.store
-    results = [
-        s.search(image=a.image, item_id=a.item_id, text=a.text or None, lam=lam, k=a.k,
-                 method=a.method, exclude_query=not a.include_query)
-        for lam in lams
-    ]
-    if a.json:
-        out: dict[str, Any] = {
-            "query": {"image": a.image, "item_id": results[0].query_id, "texts": a.text,
-                      "method": a.method},
-            "results": [{"lam": r.lam, "hits": r.to_records()} for r in results],
-        }
-        json.dump(out, sys.stdout, indent=1)
-        print()
-    else:
-        for r in results:
-            print(f"# method={r.method} λ={r.lam:g} text={' + '.join(r.texts) or '-'}")
-            for h in r.hits:
-                print(f"{h.rank:>4}  id={h.id:<8} {h.score:9.5f}  {h.path}")
-    if a.sheet:
-        query_img: Image.Image | None = None
-        if a.image:
-            query_img, _ = load_image(a.image)
-        elif a.item_id is not None:
-            rel = str(store.items_for_ids([a.item_id])["path"].iloc[0])
-            query_img, _ = load_image(store.resolve_path(rel))
-        path = contact_sheet(store, results, query_img, a.sheet)
-        print(f"contact sheet written to {path}", file=sys.stderr)
+    with s:
+        try:
+            results = s.search(image=a.image, item_id=a.item_id, text=a.text or None, lam=lams,
+                               k=a.k, offset=a.offset, method=a.method,
+                               exclude_query=not a.include_query, where=where)
+        except QueryError as e:
+            raise QueryError(_flags(str(e))) from None
+        if fmt == "text":
+            lines = []
+            for r in results:
+                dec = score_decimals([h.score for h in r.hits])
+                lines.append(f"# method={r.method} λ={r.lam:g} text={' + '.join(r.texts) or '-'}"
+                             + (f" offset={r.offset}" if r.offset else ""))
+                for h in r.hits:
+                    why = "".join(f" {n}={v:+.3f}" for n, v in (("img", h.sim_image),
+                                                                ("txt", h.sim_text)) if v is not None)
+                    lines.append(f"{h.rank:>4}  id={h.id:<8} {h.score:.{dec}f}{why}  {h.path}")
+            data = ("\n".join(lines) + "\n").encode()
+        else:
+            query = {"image": a.image, "item_id": results[0].query_id, "texts": a.text,
+                     "method": results[0].method, "k": a.k, "offset": a.offset,
+                     "filter": None if where is None else where.to_dict()}
+            data = render(results, fmt, query)
+        if a.out:
+            from ..search.export import write_bytes
+
+            write_bytes(data, a.out)
+            print(f"wrote {sum(len(r.hits) for r in results)} hits ({fmt}) to {a.out}",
+                  file=sys.stderr)
+        else:
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+        if a.sheet:
+            from PIL import Image
+
+            from ..ingest.images import load_image
+            from ..sheet import contact_sheet
+
+            store = s.store
+            query_img: Image.Image | None = None
+            if a.image:
+                query_img, _ = load_image(a.image)
+            elif a.item_id is not None:
+                rel = str(store.items_for_ids([a.item_id])["path"].iloc[0])
+                query_img, _ = load_image(store.resolve_path(rel))
+            path = contact_sheet(store, results, query_img, a.sheet)
+            print(f"contact sheet written to {path}", file=sys.stderr)
     return 0
 
 

@@ -25,7 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     g.add_argument("--workers", type=int, default=8, help="searches run at once (threads)")
     g.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload")
     g.add_argument("--max-pixels", type=int, default=50_000_000, help="largest uploaded image")
-    g.add_argument("--max-k", type=int, default=200, help="most results per λ")
+    g.add_argument("--max-k", type=int, default=10_000, help="most results per λ")
+    p.add_argument("--basemap", default=None,
+                   help="tile URL template for the page's map, e.g. "
+                   "https://tile.openstreetmap.org/{z}/{x}/{y}.png (default: none, a lon/lat grid)")
+    p.add_argument("--basemap-attribution", default=None, help="credit shown under the map")
     g.add_argument("--graceful-timeout", type=int, default=10,
                    help="seconds running requests get to finish on shutdown")
     p.set_defaults(func=cmd_serve)
@@ -41,7 +45,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if not a.max_upload_mb > 0:
         raise ValueError("--max-upload-mb must be > 0")
     cfg = ServeConfig(max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
-                      max_pixels=a.max_pixels, max_k=a.max_k, workers=a.workers)
+                      max_pixels=a.max_pixels, max_k=a.max_k, workers=a.workers,
+                      basemap=a.basemap, basemap_attribution=a.basemap_attribution)
     sock = bind_socket(a.host, a.port)  # fails fast, before the model loads
     try:
         if not is_loopback(a.host):

@@ -83,7 +83,7 @@ class _DirectoryStrategy(SearchStrategy):
         if len(st) == 0:
             return [TopK.empty(nq) for _ in lams]
         k = min(int(k), len(st))  # every path then returns the same width
-        mask = None if where is None or where.is_empty() else where.mask(st.items)
+        mask = None if where is None or where.is_empty() else where.mask(st.filter_index())
         excl = self._exclude_rows(query.exclude_ids)
         stats = query_stats(self.moments.get(st.generation, st.moments), query)
         out = []

@@ -46,20 +46,66 @@ class CandidateStats:
     exact_scan: bool = False
 
 
-def _where_sql(where: ItemFilter | None, exclude_id: int | None) -> tuple[str, list[Any]]:
+def _where_sql(cur: Any, schema: str, where: ItemFilter | None, exclude_id: int | None,
+               ) -> tuple[str, list[Any]]:
+    """The SQL ``WHERE`` of a filter. Areas are pre-selected by the bounds columns in SQL, then
+    tested exactly (shapely) on those candidates, which become an id list."""
     conds: list[str] = []
     params: list[Any] = []
     if exclude_id is not None:
         conds.append("id <> %s")
         params.append(int(exclude_id))
-    if where is not None and where.labels:
-        conds.append("(label = ANY(%s) OR labels && %s::text[])")
-        params += [list(where.labels), list(where.labels)]
-    if where is not None and where.bbox is not None:
-        x0, y0, x1, y1 = (float(v) for v in where.bbox)
-        conds.append("lon BETWEEN %s AND %s AND lat BETWEEN %s AND %s")
-        params += [x0, x1, y0, y1]
+    if where is None or where.is_empty():
+        return ("WHERE " + " AND ".join(conds)) if conds else "", params
+    if where.labels:
+        if where.all_labels:
+            conds.append("(labels || CASE WHEN label IS NULL THEN ARRAY[]::text[] "
+                         "ELSE ARRAY[label] END) @> %s::text[]")
+            params.append(list(where.labels))
+        else:
+            conds.append("(label = ANY(%s) OR labels && %s::text[])")
+            params += [list(where.labels), list(where.labels)]
+    if where.ids is not None:
+        conds.append("id = ANY(%s)")
+        params.append(list(where.ids))
+    if where.exclude_ids:
+        conds.append("NOT (id = ANY(%s))")
+        params.append(list(where.exclude_ids))
+    if where.start is not None:
+        conds.append("datetime >= %s")
+        params.append(where.start.ceil("us").to_pydatetime())
+    if where.end is not None:
+        conds.append("datetime <= %s")
+        params.append(where.end.floor("us").to_pydatetime())  # Postgres keeps microseconds
+    area = where.area()
+    if area is not None:
+        ax0, ay0, ax1, ay1 = area.bounds
+        box_sql = ("COALESCE(max_lon, lon) >= %s AND COALESCE(min_lon, lon) <= %s AND "
+                   "COALESCE(max_lat, lat) >= %s AND COALESCE(min_lat, lat) <= %s")
+        pre = " AND ".join([*conds, box_sql])
+        cur.execute(sql(f"SELECT id, footprint, COALESCE(min_lon, lon), COALESCE(min_lat, lat), "
+                        f"COALESCE(max_lon, lon), COALESCE(max_lat, lat) FROM {{s}}.items "
+                        f"WHERE {pre}", schema), [*params, ax0, ax1, ay0, ay1])
+        rows = cur.fetchall()
+        ids = _area_ids(rows, area)
+        conds.append("id = ANY(%s)")
+        params.append(ids)
     return ("WHERE " + " AND ".join(conds)) if conds else "", params
+
+
+def _area_ids(rows: list[tuple[Any, ...]], area: Any) -> list[int]:
+    """Ids of the candidate rows whose footprint (or centre point) intersects ``area``."""
+    import shapely
+
+    if not rows:
+        return []
+    ids = np.array([r[0] for r in rows], np.int64)
+    fp = [r[1] for r in rows]
+    geoms = np.empty(len(rows), dtype=object)
+    for i, (f, r) in enumerate(zip(fp, rows, strict=True)):
+        geoms[i] = shapely.from_wkb(bytes(f)) if f is not None else shapely.Point(r[2], r[3])
+    shapely.prepare(area)
+    return ids[shapely.intersects(area, geoms)].tolist()
 
 
 def _weicom_bound(a_z: float, b_z: float, line: float, lam: float) -> float:
@@ -226,11 +272,12 @@ class _PgStrategy(SearchStrategy):
         """Top-k (ids, scores, image sims, text sims, stats) per λ for one query, all from one
         database snapshot; fewer than k rows only when fewer than k items pass ``where``."""
         p = self.params
-        wsql, wparams = _where_sql(where, exclude_id if exclude_id >= 0 else None)
         out: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None,
                         CandidateStats]] = []
         with db_errors(self.store.uri), self.store.pool.connection() as conn:
             cur = conn.cursor(binary=True)  # the pool's connections read in REPEATABLE READ
+            wsql, wparams = _where_sql(cur, self.store.schema, where,
+                                       exclude_id if exclude_id >= 0 else None)
             n, am, max_norm = self._snapshot_moments(cur)
             if n == 0 or k < 1:
                 z = np.zeros(0)

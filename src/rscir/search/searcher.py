@@ -13,20 +13,20 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import overload
 
 import numpy as np
-import pandas as pd
 
 from ..caching import LRU
 from ..encoders.base import Encoder, ImageLike, l2_normalize
 from ..errors import InvalidArgumentError, PathNotFoundError, QueryError
 from ..moments import ArchiveMoments
-from ..scoring import NEEDS_IMAGE, NEEDS_TEXT, QueryStats, check_lam, check_method
+from ..scoring import NEEDS_IMAGE, NEEDS_TEXT, QueryStats, check_lam, check_method, norm_cdf
 from ..stores.base import EmbeddingStore
 from ..stores.filters import ItemFilter
+from .results import Hit, SearchResult, build_hits
 from .strategy import (
     ComposedQuery,
     MomentsCache,
@@ -43,29 +43,28 @@ QueryImage = str | os.PathLike[str] | ImageLike
 BRUTE_MAX = SearchParams().brute_max
 
 
-@dataclass(frozen=True)
-class Hit:
-    rank: int
-    id: int
-    path: str
-    score: float
-    label: str | None = None
-
-
-@dataclass
-class SearchResult:
-    hits: list[Hit]
-    method: str
-    lam: float
-    texts: list[str] = field(default_factory=list)
-    query_id: int | None = None
-
-    def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([asdict(h) for h in self.hits],
-                            columns=["rank", "id", "path", "score", "label"])
-
-    def to_records(self) -> list[dict[str, Any]]:
-        return [asdict(h) for h in self.hits]
+def resolve_method(method: str | None, has_image: bool, has_text: bool,
+                   lams: Sequence[float] = (0.5,)) -> str:
+    """The method a query means (see :meth:`Searcher.search`); errors name Python arguments."""
+    if method is None:
+        if has_image and has_text:
+            return "weicom"
+        if has_image:
+            return "image"
+        if has_text:
+            return "text"
+        raise QueryError("give a query: image= or item_id= (an image), text= (a modifier), "
+                         "or both")
+    check_method(method)
+    if method == "weicom" and has_image and not has_text and all(x == 0.0 for x in lams):
+        return "image"  # λ = 0 is image only
+    if method == "weicom" and has_text and not has_image and all(x == 1.0 for x in lams):
+        return "text"  # λ = 1 is text only
+    if method in NEEDS_IMAGE and not has_image:
+        raise QueryError(f"method {method!r} needs a query image: give image= or item_id=")
+    if method in NEEDS_TEXT and not has_text:
+        raise QueryError(f"method {method!r} needs a text modifier: give text=")
+    return method
 
 
 class Searcher:
@@ -269,22 +268,47 @@ class Searcher:
                             None if r.sim_text is None else r.sim_text[0][ok]))
         return out
 
+    @overload
+    def search(self, image: QueryImage | None = None, text: str | Sequence[str] | None = None,
+               *, item_id: int | None = None, lam: float = 0.5, k: int = 20, offset: int = 0,
+               method: str | None = None, exclude_query: bool = True,
+               where: ItemFilter | None = None, strategy: str | None = None) -> SearchResult: ...
+
+    @overload
+    def search(self, image: QueryImage | None = None, text: str | Sequence[str] | None = None,
+               *, item_id: int | None = None, lam: Sequence[float], k: int = 20,
+               offset: int = 0, method: str | None = None, exclude_query: bool = True,
+               where: ItemFilter | None = None, strategy: str | None = None,
+               ) -> list[SearchResult]: ...
+
     def search(
         self,
         image: QueryImage | None = None,
         text: str | Sequence[str] | None = None,
         *,
         item_id: int | None = None,
-        lam: float = 0.5,
+        lam: float | Sequence[float] = 0.5,
         k: int = 20,
-        method: str = "weicom",
+        offset: int = 0,
+        method: str | None = None,
         exclude_query: bool = True,
         where: ItemFilter | None = None,
         strategy: str | None = None,
-    ) -> SearchResult:
-        """One composed query: an image (file, PIL, array) or an archive item id, plus text."""
+    ) -> SearchResult | list[SearchResult]:
+        """One composed query: an image (file, PIL, array) or an archive item id, and/or text.
+
+        ``method`` None picks what the query means: image and text → WeiCom, image only →
+        ``image``, text only → ``text`` (WeiCom at λ=0 or 1 ranks as image or text alone, so
+        those need only that side). ``lam`` is one λ (a result) or several (a list of results,
+        from one encoding). ``offset`` pages: hits ``offset+1 … offset+k``."""
         if image is not None and item_id is not None:
-            raise QueryError("give a query image or an item id, not both")
+            raise QueryError("give image= or item_id= for the query image, not both")
+        if int(k) < 1 or int(offset) < 0:
+            raise InvalidArgumentError(f"k must be >= 1 and offset >= 0, got k={k}, "
+                                       f"offset={offset}")
+        lams = [check_lam(x) for x in (lam if isinstance(lam, Sequence) else [lam])]
+        if not lams:
+            raise InvalidArgumentError("lam= needs at least one value")
         img_vec: np.ndarray | None = None
         qid: int | None = None
         if item_id is not None:
@@ -292,29 +316,35 @@ class Searcher:
         elif image is not None:
             img_vec, qid = self.image_vector(image)
         texts = [] if text is None else ([text] if isinstance(text, str) else list(text))
+        texts = [t for t in texts if t and t.strip()]
         txt_vec = self.text_vector(texts) if texts else None
-        if method in NEEDS_IMAGE and img_vec is None:
-            raise QueryError(f"method {method!r} needs a query image (--image or --item-id)")
-        if method in NEEDS_TEXT and txt_vec is None:
-            raise QueryError(f"method {method!r} needs a text modifier (--text)")
-        res = self.search_ids(img_vec, txt_vec, method, [lam], k,
+        method = resolve_method(method, img_vec is not None, txt_vec is not None, lams)
+        res = self.search_ids(img_vec, txt_vec, method, lams, int(k) + int(offset),
                               exclude_id=qid if exclude_query else None, where=where,
-                              strategy=strategy)[0]
-        return SearchResult(hits=self.hits(res.ids, res.scores), method=method, lam=float(lam),
-                            texts=texts, query_id=qid)
+                              strategy=strategy)
+        out = [SearchResult(hits=self.hits(r, img_vec, txt_vec, method, offset=int(offset)),
+                            method=method, lam=lm, texts=texts, query_id=qid,
+                            offset=int(offset)) for lm, r in zip(lams, res, strict=True)]
+        return out if isinstance(lam, Sequence) else out[0]
 
-    def hits(self, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
-        """Ranked hits with their metadata (one store lookup for all ids)."""
+    def hits(self, res: TopK, img: np.ndarray | None = None, txt: np.ndarray | None = None,
+             method: str = "weicom", *, offset: int = 0) -> list[Hit]:
+        """Ranked hits of one query's :class:`TopK` (from ``offset``) with their metadata and
+        why they matched (one store lookup for all ids)."""
+        ids = res.ids[offset:]
         if not len(ids):
             return []
         meta = self.store.items_for_ids(ids)
-        return [
-            Hit(rank=i + 1, id=int(iid), path=str(p), score=float(v),
-                label=None if lab is None else str(lab))
-            for i, (iid, p, lab, v) in enumerate(zip(
-                meta["id"].tolist(), meta["path"].tolist(), meta["label"].tolist(),
-                np.asarray(scores).tolist(), strict=True))
-        ]
+        si = None if res.sim_image is None else res.sim_image[offset:]
+        st = None if res.sim_text is None else res.sim_text[offset:]
+        ni = nt = None
+        if method == "weicom":
+            i_st, t_st = self.query_stats(img if si is not None else None,
+                                          txt if st is not None else None, method)
+            ni = None if si is None or i_st is None else norm_cdf(si[None], i_st)[0]
+            nt = None if st is None or t_st is None else norm_cdf(st[None], t_st)[0]
+        return build_hits(meta, res.scores[offset:], first_rank=offset + 1, sim_image=si,
+                          sim_text=st, norm_image=ni, norm_text=nt)
 
     def close(self) -> None:
         self.store.close()
@@ -326,4 +356,4 @@ class Searcher:
         self.close()
 
 
-__all__ = ["BRUTE_MAX", "Hit", "SearchResult", "Searcher"]
+__all__ = ["BRUTE_MAX", "Hit", "SearchResult", "Searcher", "resolve_method"]

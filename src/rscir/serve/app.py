@@ -15,7 +15,7 @@ import math
 import pathlib
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Annotated, Any, Literal
 
@@ -32,9 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..caching import LRU
 from ..errors import QueryError, UnknownItemError
 from ..scoring import METHODS, NEEDS_IMAGE, NEEDS_TEXT
-from ..search.searcher import Searcher
+from ..search.export import MEDIA_TYPES, render
+from ..search.results import SearchResult
+from ..search.searcher import Searcher, resolve_method
 from ..stores.filters import ItemFilter
-from .middleware import AccessLog, BodyLimit, BodyTooLarge
+from .middleware import SECURITY_HEADERS, AccessLog, BodyLimit, BodyTooLarge
 from .uploads import UploadError, decode_upload
 
 log = logging.getLogger("rscir.serve")
@@ -46,9 +48,9 @@ DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
             "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; "
             "worker-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'")
 DOCS_ASSETS = "/static-docs"  # where the Swagger UI files (fastapi-offline) are mounted
+SECURITY_HEADERS_CSP = dict(SECURITY_HEADERS)[b"content-security-policy"].decode()
 PREVIEW_MAX = 512  # longest side of an upload's PNG preview (POST /preview)
 MAX_ID = 2**63 - 1  # item ids are int64
-Method = Literal["weicom", "image", "text", "average", "sum", "product"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class ServeConfig:
 
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
-    max_k: int = 200
+    max_k: int = 10_000
     max_lams: int = 21
     max_texts: int = 8
     max_text_chars: int = 500
@@ -66,6 +68,8 @@ class ServeConfig:
     thumb_cache: int = 1024
     upload_cache: int = 128
     text_cache: int = 512
+    basemap: str | None = None  # a tile URL template ({z}/{x}/{y}) for the page's map
+    basemap_attribution: str | None = None
 
 
 # ----------------------------------------------------------------------------- request models
@@ -73,12 +77,24 @@ ItemId = Annotated[int, Path(ge=0, le=MAX_ID, description="archive item id")]
 
 
 class FilterSpec(BaseModel):
-    """Metadata restrictions: any of these labels, and/or a lon/lat box."""
+    """Which items may be returned (all given conditions hold); hits keep their unfiltered
+    scores. Geometry is WGS84 longitude/latitude (RFC 7946)."""
 
     model_config = ConfigDict(extra="forbid")
-    labels: list[str] = Field(default_factory=list, max_length=64)
+    labels: list[str] = Field(default_factory=list, max_length=64,
+                              description="items with any of these class/labels")
+    all_labels: bool = Field(False, description="items must have every one of `labels`")
     bbox: tuple[float, float, float, float] | None = Field(
-        None, description="(min_lon, min_lat, max_lon, max_lat)")
+        None, description="[west, south, east, north]: the footprint intersects it "
+                          "(west > east crosses the antimeridian)")
+    within: dict[str, Any] | None = Field(
+        None, description="a GeoJSON geometry (or Feature) the footprint intersects")
+    start: str | None = Field(None, max_length=40, description="acquired on or after (ISO, UTC)")
+    end: str | None = Field(None, max_length=40,
+                            description="acquired on or before (ISO, UTC; a date is its whole day)")
+    ids: list[int] | None = Field(None, max_length=100_000, description="only these item ids")
+    exclude_ids: list[int] = Field(default_factory=list, max_length=100_000,
+                                   description="never these item ids")
 
     @field_validator("labels")
     @classmethod
@@ -87,37 +103,35 @@ class FilterSpec(BaseModel):
             raise ValueError("labels must be 1..200 characters")
         return v
 
-    @field_validator("bbox")
-    @classmethod
-    def _bbox(cls, v: tuple[float, float, float, float] | None) -> Any:
-        if v is None:
-            return v
-        if not all(math.isfinite(x) for x in v):
-            raise ValueError("bbox values must be finite")
-        if v[0] > v[2] or v[1] > v[3]:
-            raise ValueError("bbox must be (min_lon, min_lat, max_lon, max_lat)")
-        return v
-
     def to_filter(self) -> ItemFilter | None:
-        f = ItemFilter(labels=tuple(self.labels), bbox=self.bbox)
+        """The store filter (bad values raise InvalidArgumentError, answered with 422)."""
+        f = ItemFilter(labels=tuple(self.labels), all_labels=self.all_labels, bbox=self.bbox,
+                       within=self.within, start=self.start, end=self.end,
+                       ids=None if self.ids is None else tuple(self.ids),
+                       exclude_ids=tuple(self.exclude_ids))
         return None if f.is_empty() else f
 
 
 class SearchRequest(BaseModel):
     """A composed query. The image is an archive item (``item_id``), an uploaded file (multipart
     part ``image``), or ``image_token``: the token a previous upload returned (saves re-sending
-    the file while λ, text or method change)."""
+    the file while λ, text or method change). Without ``method``, image and text use WeiCom,
+    an image alone is image-only and a text alone text-only."""
 
     model_config = ConfigDict(extra="forbid")
     item_id: int | None = Field(None, ge=0, le=MAX_ID)
     image_token: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     texts: list[str] = Field(default_factory=list, description="text modifiers (averaged)")
-    method: Method = "weicom"
+    method: str | None = Field(None, max_length=40, description="fusion (see /info's methods)")
     lam: float = Field(0.5, ge=0.0, le=1.0, description="0 = image only, 1 = text only")
     lams: list[float] | None = Field(None, min_length=1, description="several λ (a λ strip)")
-    k: int = Field(20, ge=1)
+    k: int = Field(20, ge=1, description="results per λ")
+    offset: int = Field(0, ge=0, le=1_000_000, description="skip this many (paging)")
     filter: FilterSpec | None = None
     exclude_query: bool = True
+    format: Literal["json", "geojson", "csv", "parquet"] = Field(
+        "json", description="json (this response), or a file: geojson (RFC 7946), csv, parquet "
+                            "(GeoParquet)")
 
     @field_validator("lams")
     @classmethod
@@ -134,15 +148,24 @@ class Hit(BaseModel):
     score: float
     label: str | None
     labels: list[str]
+    sim_image: float | None = Field(None, description="cosine similarity to the query image")
+    sim_text: float | None = Field(None, description="cosine similarity to the query text")
+    norm_image: float | None = Field(None, description="WeiCom: Φ(z) of sim_image in the archive")
+    norm_text: float | None = Field(None, description="WeiCom: Φ(z) of sim_text in the archive")
     lon: float | None
     lat: float | None
-    width: int
-    height: int
+    datetime: str | None = None
+    crs: str | None = None
+    footprint: dict[str, Any] | None = Field(None, description="GeoJSON geometry, WGS84")
+    width: int | None
+    height: int | None
     thumbnail: str
 
 
 class LamResult(BaseModel):
     lam: float
+    method: str
+    offset: int = 0
     hits: list[Hit]
 
 
@@ -188,6 +211,20 @@ def _records(items: Any) -> dict[int, dict[str, Any]]:
     return {int(r.id): _item_out(r, size=False) for r in items.itertuples(index=False)}
 
 
+def _page_csp(basemap: str | None) -> str:
+    """The page's content security policy: the server's own, plus the basemap's tile origin
+    (``{s}`` subdomains become a wildcard) when one is configured."""
+    csp = SECURITY_HEADERS_CSP
+    if basemap:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(basemap)
+        host = u.netloc.replace("{s}", "*")
+        origin = f"{u.scheme}://{host}" if "{" not in host else f"{u.scheme}:"
+        csp = csp.replace("img-src 'self'", f"img-src 'self' {origin}", 1)
+    return csp
+
+
 def _web_dir() -> pathlib.Path:
     """The static page (package data ``rscir/serve/web``)."""
     return pathlib.Path(str(resources.files(__package__) / "web"))
@@ -229,7 +266,8 @@ class _Api:
 
     def info(self) -> dict[str, Any]:
         self.store.refresh()
-        return self.store.info()
+        return {**self.store.info(), "coverage": self.store.coverage(),
+                "basemap": self.cfg.basemap, "basemap_attribution": self.cfg.basemap_attribution}
 
     def page(self, offset: int, limit: int, label: str | None) -> tuple[int, Any]:
         self.store.refresh()
@@ -266,28 +304,31 @@ class _Api:
                 img = self.searcher.item_vector(req.item_id)
             except UnknownItemError:
                 raise HTTPException(404, f"no item with id {req.item_id}") from None
-        if req.method in NEEDS_IMAGE and img is None:
-            raise HTTPException(422, f"method {req.method!r} needs a query image: upload one, "
-                                "or give item_id or image_token")
-        txt = self.text_vec(req.texts) if req.method in NEEDS_TEXT else None
-        if req.method in NEEDS_TEXT and txt is None:
-            raise HTTPException(422, f"method {req.method!r} needs a non-empty text modifier")
         lams = req.lams if req.lams is not None else [req.lam]
+        txt = self.text_vec(req.texts)
+        try:
+            method = resolve_method(req.method, img is not None, txt is not None, lams)
+        except QueryError as e:
+            raise HTTPException(422, str(e).replace("image= or item_id=", "an upload, item_id or "
+                                "image_token").replace("text=", "texts")) from None
         where = req.filter.to_filter() if req.filter else None
         exclude = req.item_id if req.exclude_query else None
-        res = self.searcher.search_ids(img, txt, req.method, lams, req.k, exclude, where)
-        all_ids = np.unique(np.concatenate([r.ids for r in res])) if res else np.zeros(0)
-        meta = _records(self.store.items_for_ids(all_ids)) if len(all_ids) else {}
-        results = []
-        for lam, (ids, scores) in zip(lams, ((r.ids, r.scores) for r in res), strict=True):
-            hits = [{"rank": rank, "score": s, **meta[i]} for rank, (i, s) in
-                    enumerate(zip(ids.tolist(), scores.tolist(), strict=True), start=1)]
-            results.append({"lam": float(lam), "hits": hits})
+        res = self.searcher.search_ids(img if method in NEEDS_IMAGE else None,
+                                       txt if method in NEEDS_TEXT else None, method, lams,
+                                       req.k + req.offset, exclude, where)
+        results = [SearchResult(self.searcher.hits(r, img, txt, method, offset=req.offset),
+                                method, float(lam), list(req.texts), req.item_id, req.offset)
+                   for lam, r in zip(lams, res, strict=True)]
+        query = {"item_id": req.item_id, "image_token": token, "texts": req.texts,
+                 "method": method, "k": req.k, "offset": req.offset,
+                 "filter": None if where is None else where.to_dict()}
+        if req.format != "json":
+            return {"file": render(results, req.format, query), "format": req.format}
         return {
-            "query": {"item_id": req.item_id, "image_token": token, "texts": req.texts,
-                      "method": req.method, "k": req.k,
-                      "filter": req.filter.model_dump() if req.filter else None},
-            "results": results,
+            "query": query,
+            "results": [{"lam": r.lam, "method": r.method, "offset": r.offset,
+                         "hits": [{**asdict(h), "thumbnail": f"/items/{h.id}/thumbnail"}
+                                  for h in r.hits]} for r in results],
             "took_ms": round((time.perf_counter() - t0) * 1e3, 2),
         }
 
@@ -381,9 +422,12 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
                             status_code=500)
 
     # --------------------------------------------------------------- routes
+    page_csp = _page_csp(cfg.basemap)
+
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
-        return FileResponse(_web_dir() / "index.html", media_type="text/html")
+        return FileResponse(_web_dir() / "index.html", media_type="text/html",
+                            headers={"content-security-policy": page_csp})
 
     app.mount("/static", StaticFiles(directory=_web_dir()), name="static")
 
@@ -474,11 +518,16 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
             raise HTTPException(422, _clean_errors(e.errors())) from None
         req = api.check(req)
         try:
-            return JSONResponse(await api.run(api.search, req, upload))
+            out = await api.run(api.search, req, upload)
         except UnknownItemError as e:
             raise HTTPException(404, str(e)) from None
         except (QueryError, ValueError) as e:  # e.g. a method that needs text got none
             raise HTTPException(422, str(e)) from None
+        if "file" in out:
+            fmt = out["format"]
+            return Response(out["file"], media_type=MEDIA_TYPES[fmt], headers={
+                "Content-Disposition": f'attachment; filename="rscir-results.{fmt}"'})
+        return JSONResponse(out)
 
     _install_openapi(app)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_upload_bytes + 64 * 1024)  # type: ignore[arg-type]

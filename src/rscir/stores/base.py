@@ -23,7 +23,7 @@ import pandas as pd
 from ..encoders.base import ModelInfo
 from ..errors import InvalidArgumentError, ModelMismatchError, StoreError, StoreExistsError
 from ..moments import Moments
-from .filters import ItemFilter
+from .filters import FilterIndex, ItemFilter
 from .integrity import RepairReport, VerifyReport
 from .schema import DTYPES, Manifest, check_dtype, normalize_items
 
@@ -213,13 +213,36 @@ class EmbeddingStore(ABC):
         """Pick up commits of other processes; True when the store changed."""
         return False
 
+    def filter_index(self) -> FilterIndex:
+        """Vectorized item arrays for :meth:`ItemFilter.mask` (built once per generation)."""
+        gen = self.generation
+        cached: tuple[int, FilterIndex] | None = getattr(self, "_filter_cache", None)
+        if cached is None or cached[0] != gen:
+            cached = (gen, FilterIndex.of(self.items))
+            self._filter_cache = cached
+        return cached[1]
+
     def page(self, offset: int, limit: int, where: ItemFilter | None = None
              ) -> tuple[int, pd.DataFrame]:
         """(number of items passing ``where``, the ``limit`` of them from ``offset``)."""
         items = self.items
         if where is not None and not where.is_empty():
-            items = items[where.mask(items)]
+            items = items[where.mask(self.filter_index())]
         return len(items), items.iloc[offset : offset + limit]
+
+    def coverage(self) -> dict[str, Any] | None:
+        """The archive's extent as a GeoJSON polygon (the convex hull of every footprint's
+        bounds, WGS84), or None when no item is georeferenced."""
+        b = self.filter_index().bounds
+        b = b[np.isfinite(b).all(axis=1)]
+        if not len(b):
+            return None
+        import shapely
+        from shapely.geometry import mapping
+
+        corners = np.concatenate([b[:, [0, 1]], b[:, [2, 1]], b[:, [2, 3]], b[:, [0, 3]]])
+        hull = shapely.multipoints(np.unique(corners, axis=0)).convex_hull
+        return dict(mapping(hull))
 
     def label_counts(self) -> list[tuple[str, int]]:
         """Every label in ``label`` or ``labels`` with its item count, sorted by name."""

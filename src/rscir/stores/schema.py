@@ -47,6 +47,12 @@ COLUMNS: tuple[Column, ...] = (
     Column("crs", "object", None, "text"),  # the source raster's CRS ("EPSG:32633")
     Column("footprint", "object", None, "bytea"),  # WKB polygon in WGS84, (lon, lat) order
     Column("footprint_native", "object", None, "bytea"),  # WKB polygon in ``crs``
+    # the WGS84 footprint's bounds (the centre point's when there is no footprint): derived on
+    # write, so both backends filter by area without parsing geometries
+    Column("min_lon", "float64", np.nan, "double precision"),
+    Column("min_lat", "float64", np.nan, "double precision"),
+    Column("max_lon", "float64", np.nan, "double precision"),
+    Column("max_lat", "float64", np.nan, "double precision"),
 )
 ITEM_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS)
 REQUIRED_COLUMNS: tuple[str, ...] = ("id", "path")  # older stores lack the later ones
@@ -113,7 +119,22 @@ def normalize_items(items: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
     df["crs"] = [None if _is_missing(v) else str(v) for v in df["crs"]]
     for col in _WKB_COLUMNS:
         df[col] = [to_wkb(v) for v in df[col]] if df[col].notna().any() else [None] * n
+    _derive_bounds(df)
     return df[list(ITEM_COLUMNS)].reset_index(drop=True)
+
+
+def _derive_bounds(df: pd.DataFrame) -> None:
+    """min/max lon/lat from the WGS84 footprint, else from the centre point (vectorized)."""
+    lon, lat = df["lon"].to_numpy(np.float64), df["lat"].to_numpy(np.float64)
+    b = np.column_stack([lon, lat, lon, lat])
+    fp = df["footprint"].to_numpy(dtype=object)
+    has = np.array([v is not None for v in fp], bool)
+    if has.any():
+        import shapely
+
+        b[has] = shapely.bounds(shapely.from_wkb(fp[has].tolist()))
+    for i, c in enumerate(("min_lon", "min_lat", "max_lon", "max_lat")):
+        df[c] = b[:, i]
 
 
 @dataclass(frozen=True)
