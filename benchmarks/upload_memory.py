@@ -13,14 +13,15 @@ Cases, each sent after the server is idle again:
   longest side 20,000);
 * ``png16``: 16 concurrent, distinct 50 Mpx RGB PNGs (~3.4 MB each);
 * ``mix16``: 16 concurrent 50 Mpx uploads, 4 each of the formats costliest to decode: RGBA PNG,
-  WebP, progressive JPEG, tiled 4-band uint16 GeoTIFF.
+  WebP, progressive JPEG, tiled 4-band uint16 TIFF.
 
 The same cases then run (``--baseline``, on by default) against a server whose upload limits are
 off (no aspect or side limit, an unbounded decode budget; uploads are still reduced before
 encoding): the memory the bounds save, in the same run. ``--baseline-src DIR`` runs the baseline
 server from another rscir source tree instead (e.g. the release before these limits, from
-``git archive``); its address space is capped ``--baseline-cap-gb`` above idle, so a runaway
-decode fails there (MemoryError, HTTP 500) rather than exhausting the machine. ``retained`` is RSS 3 s after a case minus idle (memory the allocator kept).
+``git archive``). The baseline server's address space is capped ``--baseline-cap-gb`` above
+idle, so a runaway decode fails there (MemoryError, HTTP 500) rather than exhausting the machine. ``retained`` is
+RSS 3 s after a case minus idle (memory the allocator kept).
 
     python benchmarks/upload_memory.py
     python benchmarks/upload_memory.py --no-baseline --decode-memory-mb 512
@@ -288,8 +289,10 @@ def main() -> int:
                     f"{'ok' if ok_status else 'WRONG':>8s}")
             if have_base:
                 b = results["baseline"][i]
-                line += (f" {b.peak_above_idle / MiB:12.0f} {','.join(map(str, sorted(set(b.statuses)))):>7s}"
-                         f" {b.peak_above_idle / max(c.peak_above_idle, MiB):13.1f}")
+                codes = ",".join(map(str, sorted(set(b.statuses))))
+                ratio_b = (f"{b.peak_above_idle / c.peak_above_idle:13.1f}"
+                           if c.peak_above_idle >= MiB else f"{'(bounded ~0)':>13s}")
+                line += f" {b.peak_above_idle / MiB:12.0f} {codes:>7s} {ratio_b}"
             print(line)
             if not ok_status or (c.name != "ordinary" and ratio > 1.0):
                 failed = True
