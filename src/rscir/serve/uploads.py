@@ -254,7 +254,8 @@ class UploadDecoder:
             raise UploadError(413, f"the image has more than {self.limits.max_pixels} pixels") \
                 from None
         except Image.UnidentifiedImageError:
-            raise UploadError(415, f"the upload is not an accepted image ({ACCEPTED})") from None
+            raise UploadError(415, f"the upload is not an image the server accepts "
+                              f"({ACCEPTED})") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise UploadError(422, f"the image header is corrupt: {e}") from None
         with im:
