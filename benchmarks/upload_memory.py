@@ -20,8 +20,8 @@ off (no aspect or side limit, an unbounded decode budget; uploads are still redu
 encoding): the memory the bounds save, in the same run. ``--baseline-src DIR`` runs the baseline
 server from another rscir source tree instead (e.g. the release before these limits, from
 ``git archive``). The baseline server's address space is capped ``--baseline-cap-gb`` above
-idle, so a runaway decode fails there (MemoryError, HTTP 500) rather than exhausting the machine. ``retained`` is
-RSS 3 s after a case minus idle (memory the allocator kept).
+idle, so a runaway decode fails there (MemoryError, HTTP 500) rather than exhausting the
+machine. ``retained`` is RSS 3 s after a case minus idle (memory the allocator kept).
 
     python benchmarks/upload_memory.py
     python benchmarks/upload_memory.py --no-baseline --decode-memory-mb 512
