@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rscir.encoders import default_registry, load_encoder
-from rscir.errors import ModelMismatchError, ModelUnavailableError
+from rscir.errors import ModelMismatchError, ModelUnavailableError, UntrustedFileError
 
 
 def test_interface_contract(tiny_encoder) -> None:
@@ -64,7 +64,7 @@ def test_bad_checkpoints(tmp_path: Path) -> None:
     evil = tmp_path / "evil.pt"
     with open(evil, "wb") as f:
         pickle.dump({"x": Evil()}, f)
-    with pytest.raises(ModelMismatchError, match="weights-only"):
+    with pytest.raises(UntrustedFileError, match="plain Python pickle"):
         load_encoder(arch="RSCIR-Tiny", checkpoint=str(evil))
 
 

@@ -39,16 +39,19 @@ import os
 import pickle
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
+from ..errors import UntrustedFileError
 from ..moments import ArchiveMoments
 from ..scoring import METHODS, QueryStats, check_lam, check_method, fuse
 from .metrics import average_precision_from_ranks, precision_recall_at_k, relevant_ranks
@@ -570,8 +573,62 @@ class Database:
             )
 
 
-def load_database(path: str | os.PathLike[str]) -> Database:
-    """Features from an rscir store directory or a reference pickle (``feats``, ``paths``)."""
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it for bytes (always latin-1), and no other
+    codec (a codec name would be looked up and imported)."""
+    if encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591"):
+        raise UntrustedFileError(f"the pickle asks for the {encoding!r} codec; feature files "
+                                 "only use latin-1")
+    return text.encode("latin-1")
+
+
+def _safe_globals() -> dict[tuple[str, str], Any]:
+    """What a feature pickle may name: numpy's array, scalar and dtype rebuilders (under their
+    numpy 1 and numpy 2 module names) and plain containers; none of them runs code."""
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+        ("collections", "OrderedDict"): OrderedDict, ("_codecs", "encode"): _latin1_encode,
+    }
+    for mod in ("numpy.core", "numpy._core"):
+        allowed[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{mod}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{mod}.numeric", "_frombuffer")] = numeric._frombuffer
+    for mod in ("builtins", "__builtin__"):  # protocols 0-2 name the Python 2 module
+        for cls in (set, frozenset, bytearray, complex, slice, range):
+            allowed[(mod, cls.__name__)] = cls
+    return allowed
+
+
+class FeatureUnpickler(pickle.Unpickler):
+    """Reads pickles that hold only numpy arrays, numpy scalars and plain containers (the
+    reference PatternCom feature layout); any other object (a function, a class, anything whose
+    unpickling could run code) raises :class:`UntrustedFileError` before it is looked up."""
+
+    def __init__(self, file: Any, source: str) -> None:
+        super().__init__(file)
+        self.source = source
+        self.allowed = _safe_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = self.allowed.get((module, name))
+        if obj is None:
+            raise UntrustedFileError(
+                f"{self.source} refers to the Python object {module}.{name}: feature pickles "
+                "are read with only numpy arrays and plain containers allowed, because loading "
+                "anything else can run code. If you made this file yourself and trust it, pass "
+                "--trust-pickle (or save the features as arrays: feats N×d, paths N)")
+        return obj
+
+
+def load_database(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Database:
+    """Features from an rscir store directory or a reference pickle (``feats``, ``paths``).
+
+    Pickles are read by :class:`FeatureUnpickler` (numpy arrays and plain containers only)
+    unless ``trust_pickle`` allows any object (which can run code from the file)."""
     p = Path(path)
     if p.is_dir():
         from ..stores.directory import DirectoryStore
@@ -582,9 +639,14 @@ def load_database(path: str | os.PathLike[str]) -> Database:
         raise FileNotFoundError(f"features file {p} does not exist")
     try:
         with open(p, "rb") as f:
-            data = pickle.load(f)  # noqa: S301 - the user's own feature file
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
-        raise ValueError(f"{p} is neither an rscir store nor a readable pickle: {e}") from e
+            # pickle.load only when the user vouched for the file (it can run code)
+            data = pickle.load(f) if trust_pickle else FeatureUnpickler(f, str(p)).load()
+    except UntrustedFileError:
+        raise
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError,
+            TypeError, IndexError, KeyError, MemoryError) as e:
+        raise ValueError(f"{p} is neither an rscir store nor a readable pickle: "
+                         f"{type(e).__name__}: {e}") from e
     if not isinstance(data, dict) or "feats" not in data or "paths" not in data:
         raise ValueError(f"{p}: expected a dict with 'feats' (N×d) and 'paths' (N)")
     feats = np.asarray(data["feats"])

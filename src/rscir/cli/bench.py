@@ -39,6 +39,10 @@ def register_patterncom(sub: argparse._SubParsersAction) -> None:  # type: ignor
                    help="with --model: the store to build or reuse (default: OUT/store)")
     p.add_argument("--features", metavar="FILE",
                    help="image features: an rscir store directory or a pickle with feats, paths")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load a --features pickle with any Python objects in it (by default only "
+                        "numpy arrays and plain containers are allowed: other objects can run "
+                        "code when loaded)")
     p.add_argument("--text-features", metavar="FILE",
                    help="text features: .npz (texts + features) or JSON {text: vector}")
     p.add_argument("--methods", nargs="+", default=["image", "text", "average", "weicom"],
@@ -97,7 +101,7 @@ def _inputs_from_model(a: argparse.Namespace, data: Path, out: Path) -> tuple[An
 def _inputs_from_files(a: argparse.Namespace) -> tuple[Any, Any, dict]:
     from ..bench.patterncom import load_database, load_text_features
 
-    db = load_database(a.features)
+    db = load_database(a.features, trust_pickle=a.trust_pickle)
     meta: dict[str, Any] = {"features": str(a.features)}
     if a.text_features:
         meta["text_features"] = str(a.text_features)

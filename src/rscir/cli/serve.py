@@ -25,6 +25,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     g.add_argument("--workers", type=int, default=8, help="searches run at once (threads)")
     g.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload")
     g.add_argument("--max-pixels", type=int, default=50_000_000, help="largest uploaded image")
+    g.add_argument("--max-side", type=int, default=20_000,
+                   help="longest side of an uploaded image, in pixels (default 20000)")
+    g.add_argument("--max-aspect", type=float, default=20.0,
+                   help="most elongated upload accepted, long side / short side (default 20)")
+    g.add_argument("--decode-memory-mb", type=int, default=1024,
+                   help="memory all concurrent upload decodes may use together; uploads wait "
+                        "for their share, one that alone needs more is refused (default 1024)")
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send its request headers (default 10)")
+    g.add_argument("--body-timeout", type=float, default=60.0,
+                   help="seconds a client has to send a request body (default 60)")
+    g.add_argument("--max-connections", type=int, default=256,
+                   help="open connections; past this, requests get 503 (default 256)")
     g.add_argument("--max-k", type=int, default=10_000, help="most results per λ")
     p.add_argument("--basemap", default=None,
                    help="tile URL template for the page's map, e.g. "
@@ -39,13 +52,19 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from ..serve import ServeConfig, create_app
     from ..serve.server import bind_socket, is_loopback, make_server, url_of
 
-    for name, v in (("--workers", a.workers), ("--max-k", a.max_k), ("--max-pixels", a.max_pixels)):
+    for name, v in (("--workers", a.workers), ("--max-k", a.max_k), ("--max-pixels", a.max_pixels),
+                    ("--max-side", a.max_side), ("--decode-memory-mb", a.decode_memory_mb),
+                    ("--max-connections", a.max_connections), ("--max-aspect", a.max_aspect)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1")
-    if not a.max_upload_mb > 0:
-        raise ValueError("--max-upload-mb must be > 0")
+    for name, f in (("--max-upload-mb", a.max_upload_mb), ("--header-timeout", a.header_timeout),
+                    ("--body-timeout", a.body_timeout)):
+        if not f > 0:
+            raise ValueError(f"{name} must be > 0")
     cfg = ServeConfig(max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
                       max_pixels=a.max_pixels, max_k=a.max_k, workers=a.workers,
+                      max_side=a.max_side, max_aspect=a.max_aspect,
+                      decode_memory_mb=a.decode_memory_mb, body_timeout_s=a.body_timeout,
                       basemap=a.basemap, basemap_attribution=a.basemap_attribution)
     sock = bind_socket(a.host, a.port)  # fails fast, before the model loads
     try:
@@ -57,7 +76,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                          device=a.device)
         for name in ("rscir.serve", "uvicorn.error"):
             logging.getLogger(name).setLevel(logging.INFO)
-        server = make_server(app, sock, graceful_s=a.graceful_timeout)
+        server = make_server(app, sock, graceful_s=a.graceful_timeout,
+                             header_timeout_s=a.header_timeout, max_connections=a.max_connections)
         print(f"rscir serve: {url_of(sock)}/ (API docs at /docs; Ctrl-C to stop)",
               file=sys.stderr, flush=True)
         server.run(sockets=[sock])

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
+import re
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ModelMismatchError, ModelUnavailableError
+from ..errors import ModelMismatchError, ModelUnavailableError, UntrustedFileError
 from .base import Encoder, ModelInfo, fingerprint_file
 
 HF_HOST = "huggingface.co"
@@ -75,28 +77,88 @@ def hub_file(repo: str, filename: str, *, model_name: str, arch: str) -> str:
         raise ModelUnavailableError(f"could not download {repo}/{filename}: {e}") from e
 
 
-def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Load a checkpoint safely (no pickle code execution): plain state dicts, {'state_dict': ...}
-    wrappers, DataParallel 'module.' prefixes and .safetensors files."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise ModelUnavailableError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors"):
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save, pre-zip
+SAVE_HINT = ("save the weights alone, e.g. torch.save(model.state_dict(), 'weights.pt'), or as "
+             "a .safetensors file")
+
+
+def weights_format(path: str | os.PathLike[str]) -> str:
+    """What a weights file is, from its first bytes (never from its name): ``safetensors``,
+    ``torch`` (torch.save, zip or legacy), ``pickle`` (any other pickle) or ``unknown``."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+        size = os.fstat(f.fileno()).st_size
+    if head[:4] == b"PK\x03\x04" or head.startswith(_TORCH_LEGACY_MAGIC):
+        return "torch"
+    if len(head) > 8 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    return "unknown"
+
+
+def error_summary(e: BaseException) -> str:
+    """An exception's first line, without the advice torch appends about weights_only."""
+    text = str(e).strip()
+    m = re.search(r"GLOBAL ([\w.]+)", text)  # torch: "Unsupported global: GLOBAL x.y", ...
+    if m:
+        return f"it refers to the Python object {m.group(1)}"
+    m = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    if not m and text.startswith("Weights only load failed"):
+        return "it holds objects that are not tensors"
+    line = m.group(1) if m else (text.splitlines() or [type(e).__name__])[0]
+    return line.split(". ")[0].strip().rstrip(".")[:160]  # the first sentence: torch's advice
+    # that follows ("If you are seeing this error ...", "Please file an issue") is not ours
+
+
+def _load_weights_file(path: str) -> Any:
+    """The object a weights file holds, loaded without running code from it; every format
+    problem is one :class:`UntrustedFileError` that says what to do."""
+    kind = weights_format(path)
+    if kind == "safetensors":
         from safetensors.torch import load_file
 
-        sd: Any = load_file(path, device="cpu")
-    else:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise ModelMismatchError(
-                f"{path} is not a loadable weights-only checkpoint ({type(e).__name__}: {e})"
-            ) from e
+            return load_file(path, device="cpu")
+        except Exception as e:  # noqa: BLE001 - SafetensorError and friends: a damaged file
+            raise UntrustedFileError(f"{path} is a damaged safetensors file "
+                                     f"({error_summary(e)}): download or copy it again") from None
+    if kind == "torch":
+        try:
+            with open(path, "rb") as f:  # a file object: torch would go by a .safetensors name
+                return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UntrustedFileError(
+                f"{path} holds Python objects besides tensors ({error_summary(e)}); rscir "
+                f"loads weights only, since loading other objects can run code: {SAVE_HINT}"
+            ) from None
+        except Exception as e:  # noqa: BLE001 - zip and storage errors: a damaged file
+            raise UntrustedFileError(f"{path} is a damaged PyTorch checkpoint "
+                                     f"({error_summary(e)}): download or copy it again") from None
+    if kind == "pickle":
+        raise UntrustedFileError(
+            f"{path} is a plain Python pickle, not a PyTorch checkpoint or safetensors file; "
+            f"rscir does not load pickles, which can run code: {SAVE_HINT}")
+    raise UntrustedFileError(
+        f"{path} is not a weights file: --checkpoint takes an open_clip state dict saved by "
+        "torch.save (.pt, .bin) or a .safetensors file")
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a checkpoint safely (no pickle code execution): plain state dicts, {'state_dict': ...}
+    wrappers, DataParallel 'module.' prefixes and .safetensors files (recognised by content)."""
+    path = str(path)
+    if os.path.isdir(path):
+        raise ModelUnavailableError(f"checkpoint {path} is a folder: pass the weights file in it")
+    if not os.path.isfile(path):
+        raise ModelUnavailableError(f"checkpoint file not found: {path}")
+    sd: Any = _load_weights_file(path)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
-    if not isinstance(sd, dict):
-        raise ModelMismatchError(f"{path} does not contain a state dict")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelMismatchError(f"{path} does not hold a state dict (names → tensors): "
+                                 f"{SAVE_HINT}")
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd

@@ -494,25 +494,54 @@ def load_tower(path: str | os.PathLike[str]) -> tuple[ImageTower, dict[str, str]
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from ..errors import UntrustedFileError
+    from .openclip import error_summary, weights_format
+
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tower weights not found: {path}")
+    want = "rscir-mini takes a model.safetensors written by `rscir train`"
+    kind = weights_format(path)
+    if kind == "torch":
+        raise UntrustedFileError(
+            f"{path} is a PyTorch checkpoint, not an rscir-mini tower file; {want}. For an "
+            f"open_clip checkpoint, use --arch ARCH --checkpoint {path} instead of --model")
+    if kind != "safetensors":
+        raise UntrustedFileError(f"{path} is not an rscir-mini tower file ({want})")
     try:
         with safe_open(path, framework="pt") as f:
             meta = dict(f.metadata() or {})
-    except Exception as e:  # noqa: BLE001 - any parse failure means "not our file"
-        raise ValueError(f"{path} is not a safetensors file written by rscir train ({e})") from e
+    except Exception as e:  # noqa: BLE001 - SafetensorError: a damaged file
+        raise UntrustedFileError(f"{path} is a damaged safetensors file "
+                                 f"({error_summary(e)}): copy it again") from None
     if meta.get("format") != WEIGHTS_FORMAT or "tower" not in meta:
-        raise ValueError(f"{path} is not an rscir tower file (format {meta.get('format')!r})")
-    cfg = TowerConfig.from_json(meta["tower"])
+        raise UntrustedFileError(
+            f"{path} is a safetensors file but not an rscir-mini tower (no {WEIGHTS_FORMAT!r} "
+            f"in its metadata); {want}. For open_clip weights, use --arch ARCH --checkpoint")
+    try:
+        cfg = TowerConfig.from_json(meta["tower"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise UntrustedFileError(f"{path}: its tower description cannot be read ({e}); it is "
+                                 "damaged or was written by a newer rscir") from None
     if cfg.kind == "open_clip" and cfg.init_checkpoint:
         cfg = TowerConfig(**{**asdict(cfg), "init_checkpoint": None})  # weights come from the file
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         tower = build_tower(cfg)
-    sd = load_file(path, device="cpu")
     try:
-        tower.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the tower they describe: {e}") from e
+        sd = load_file(path, device="cpu")
+    except Exception as e:  # noqa: BLE001 - SafetensorError: truncated or damaged tensors
+        raise UntrustedFileError(f"{path} is a damaged safetensors file "
+                                 f"({error_summary(e)}): copy it again") from None
+    try:
+        missing, unexpected = tower.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches: name the first one, on one line
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if ln.startswith("size mismatch")), lines[0])
+        raise ValueError(f"{path}: its weights do not fit the tower it describes ({why}); the "
+                         "file is damaged") from None
+    if missing or unexpected:
+        raise ValueError(f"{path}: its weights do not fit the tower it describes (missing "
+                         f"{list(missing)[:3]}, unexpected {list(unexpected)[:3]}); the file is "
+                         "damaged or was not written by `rscir train`")
     return tower.eval(), meta

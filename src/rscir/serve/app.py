@@ -8,7 +8,6 @@ release the GIL), bounded by ``ServeConfig.workers``.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import math
@@ -17,7 +16,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import Annotated, Any, Literal
+from typing import IO, Annotated, Any, Literal
 
 import anyio
 import numpy as np
@@ -36,8 +35,8 @@ from ..search.export import MEDIA_TYPES, render
 from ..search.results import SearchResult
 from ..search.searcher import Searcher, resolve_method
 from ..stores.filters import ItemFilter
-from .middleware import SECURITY_HEADERS, AccessLog, BodyLimit, BodyTooLarge
-from .uploads import UploadError, decode_upload
+from .middleware import SECURITY_HEADERS, AccessLog, BodyDeadline, BodyLimit, BodyTooLarge
+from .uploads import UploadDecoder, UploadError, UploadLimits, spool_upload, upload_token
 
 log = logging.getLogger("rscir.serve")
 
@@ -59,6 +58,10 @@ class ServeConfig:
 
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
+    max_side: int = 20_000  # pixels on either side of an upload
+    max_aspect: float = 20.0  # long side / short side of an upload
+    decode_memory_mb: int = 1024  # all concurrent upload decodes together (uploads.py)
+    body_timeout_s: float = 60.0  # a request body must arrive within this
     max_k: int = 10_000
     max_lams: int = 21
     max_texts: int = 8
@@ -238,6 +241,9 @@ class _Api:
         self.store = searcher.store
         self.cfg = cfg
         self.limiter = anyio.CapacityLimiter(cfg.workers)
+        self.decoder = UploadDecoder(UploadLimits(
+            max_bytes=cfg.max_upload_bytes, max_pixels=cfg.max_pixels, max_side=cfg.max_side,
+            max_aspect=cfg.max_aspect, decode_memory=cfg.decode_memory_mb * 1024 * 1024))
         self.uploads = LRU(cfg.upload_cache)
         self.thumbs = LRU(cfg.thumb_cache)
 
@@ -277,17 +283,16 @@ class _Api:
         self.store.refresh()
         return self.store.label_counts()
 
-    def upload_vec(self, data: bytes) -> tuple[str, np.ndarray]:
-        token = hashlib.sha256(data).hexdigest()
+    def upload_vec(self, data: IO[bytes]) -> tuple[str, np.ndarray]:
+        token = upload_token(data)
         vec = self.uploads.get(token)
         if vec is None:
-            img = decode_upload(data, max_bytes=self.cfg.max_upload_bytes,
-                                max_pixels=self.cfg.max_pixels)
+            img = self.decoder.decode(data)
             vec = self.searcher.encode_image(img)
             self.uploads.put(token, vec)
         return token, vec
 
-    def search(self, req: SearchRequest, upload: bytes | None) -> dict[str, Any]:
+    def search(self, req: SearchRequest, upload: IO[bytes] | None) -> dict[str, Any]:
         t0 = time.perf_counter()
         img = None
         token = req.image_token
@@ -411,7 +416,7 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
 
     @app.exception_handler(UploadError)
     async def _upload(request: Request, exc: UploadError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
@@ -442,6 +447,7 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
         d = await api.run(api.info)
         return {**_jsonable(d), "methods": list(METHODS),
                 "limits": {"max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels,
+                           "max_side": cfg.max_side, "max_aspect": cfg.max_aspect,
                            "max_k": cfg.max_k, "max_lams": cfg.max_lams}}
 
     @app.get("/labels", summary="labels in the archive with item counts")
@@ -482,7 +488,10 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
         if ctype != "multipart/form-data":
             raise HTTPException(415, "send multipart/form-data with the image in part 'image'")
         _, data = await _read_multipart(request, cfg)
-        png = await api.run(_preview_png, data or b"", cfg)
+        try:
+            png = await api.run(_preview_png, api.decoder, data)
+        finally:
+            data.close()
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @app.post(
@@ -504,7 +513,7 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
     )
     async def search(request: Request) -> JSONResponse:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        upload: bytes | None = None
+        upload: IO[bytes] | None = None
         if ctype == "application/json":
             raw = await request.body()
             qtext = raw.decode("utf-8", errors="replace")
@@ -513,16 +522,19 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
         else:
             raise HTTPException(415, "send application/json or multipart/form-data")
         try:
-            req = SearchRequest.model_validate_json(qtext or "{}")
-        except ValidationError as e:
-            raise HTTPException(422, _clean_errors(e.errors())) from None
-        req = api.check(req)
-        try:
+            try:
+                req = SearchRequest.model_validate_json(qtext or "{}")
+            except ValidationError as e:
+                raise HTTPException(422, _clean_errors(e.errors())) from None
+            req = api.check(req)
             out = await api.run(api.search, req, upload)
         except UnknownItemError as e:
             raise HTTPException(404, str(e)) from None
         except (QueryError, ValueError) as e:  # e.g. a method that needs text got none
             raise HTTPException(422, str(e)) from None
+        finally:
+            if upload is not None:
+                upload.close()
         if "file" in out:
             fmt = out["format"]
             return Response(out["file"], media_type=MEDIA_TYPES[fmt], headers={
@@ -531,11 +543,12 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
 
     _install_openapi(app)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_upload_bytes + 64 * 1024)  # type: ignore[arg-type]
+    app.add_middleware(BodyDeadline, timeout_s=cfg.body_timeout_s)  # type: ignore[arg-type]
     app.add_middleware(AccessLog)  # type: ignore[arg-type]  # outermost: logs 413s too
     return app
 
 
-async def _read_multipart(request: Request, cfg: ServeConfig) -> tuple[str, bytes | None]:
+async def _read_multipart(request: Request, cfg: ServeConfig) -> tuple[str, IO[bytes]]:
     try:
         form = await request.form(max_files=1, max_fields=4, max_part_size=64 * 1024)
     except HTTPException as e:
@@ -546,10 +559,7 @@ async def _read_multipart(request: Request, cfg: ServeConfig) -> tuple[str, byte
         f = form.get("image")
         if f is None or isinstance(f, str):
             raise HTTPException(422, "multipart search needs the query image in part 'image'")
-        data = await f.read(cfg.max_upload_bytes + 1)
-        if len(data) > cfg.max_upload_bytes:
-            raise HTTPException(413, f"the upload is larger than {cfg.max_upload_bytes} bytes")
-        return qtext, data
+        return qtext, await spool_upload(f, cfg.max_upload_bytes)  # on disk past 1 MB
     finally:
         await form.close()
 
@@ -599,11 +609,11 @@ def _install_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _preview_png(data: bytes, cfg: ServeConfig) -> bytes:
+def _preview_png(decoder: UploadDecoder, data: IO[bytes]) -> bytes:
     """An upload decoded exactly as a query image is (so the preview is what search sees)."""
     from PIL import Image
 
-    img = decode_upload(data, max_bytes=cfg.max_upload_bytes, max_pixels=cfg.max_pixels)
+    img = decoder.decode(data)
     img.thumbnail((PREVIEW_MAX, PREVIEW_MAX), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     img.save(buf, "PNG")

@@ -1,4 +1,4 @@
-"""ASGI middleware: request size cap, access log with request ids, security headers.
+"""ASGI middleware: request size cap, body deadline, access log with request ids, security headers.
 
 Written as plain ASGI callables (not ``BaseHTTPMiddleware``) so request bodies are counted while
 they stream in, before any handler buffers them."""
@@ -11,6 +11,8 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+import anyio
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -34,12 +36,66 @@ class BodyTooLarge(Exception):
     """A request body grew past the limit while streaming in."""
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+class BodyTimeout(Exception):
+    """A request body did not arrive in time (a slow or stalled client)."""
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any],
+                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(data)).encode())]})
+                            (b"content-length", str(len(data)).encode()), *(extra or [])]})
     await send({"type": "http.response.body", "body": data})
+
+
+class BodyDeadline:
+    """408 when a request body has not fully arrived ``timeout_s`` seconds after its headers
+    (a client sending a byte a second holds a connection and a worker for at most that long).
+
+    Reads of the body are wrapped in ``anyio.fail_after``; on expiry the handler's read raises
+    :class:`BodyTimeout`, which is answered here with 408 and ``Connection: close`` (uvicorn then
+    drops the connection, as the rest of the body was never read)."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = anyio.current_time() + self.timeout_s
+        done = False
+        started = False
+
+        async def timed() -> Message:
+            nonlocal done
+            if done:  # the body is in: later reads wait for a disconnect, untimed
+                return await receive()
+            try:
+                with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+                    msg = await receive()
+            except TimeoutError:
+                raise BodyTimeout() from None
+            if msg["type"] != "http.request" or not msg.get("more_body", False):
+                done = True
+            return msg
+
+        async def watched(msg: Message) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, timed, watched)
+        except BodyTimeout:
+            if started:
+                raise
+            await _send_json(send, 408, {"detail": f"the request body did not arrive within "
+                                                   f"{self.timeout_s:g} s"},
+                             [(b"connection", b"close")])
 
 
 class BodyLimit:

@@ -2,10 +2,16 @@
 
 Binding first (rather than letting uvicorn do it) turns "port in use" or "bad host" into a clean
 error before the model loads, lets ``--port 0`` report the port it got, and lets tests and the
-load benchmark serve on a free loopback port without a race."""
+load benchmark serve on a free loopback port without a race.
+
+Connections are bounded in time and number: a request's headers must be complete within
+``header_timeout_s`` of the connection opening (or of the previous response), idle keep-alive
+connections close after ``keep_alive_s``, and past ``max_connections`` open connections new
+requests get 503. (The body's deadline is the app's: :class:`.middleware.BodyDeadline`.)"""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import socket
@@ -13,7 +19,9 @@ import threading
 import time
 from typing import Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("rscir.serve")
 
@@ -50,15 +58,74 @@ def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return sock
 
 
+_TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                b"connection: close\r\ncontent-length: 30\r\n\r\nrequest headers took too long\n")
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on request headers: a client that opens a
+    connection and sends nothing, or its headers a byte a second, is answered 408 and dropped
+    ``header_timeout_s`` seconds after the connection opened (or after the previous response).
+    uvicorn itself only times out idle keep-alive connections."""
+
+    header_timeout_s: float = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _disarm_header_timer(self) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        if self.conn.our_state is h11.IDLE:  # nothing of ours in flight: say why, then close
+            self.transport.write(_TIMEOUT_408)
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the request line and headers are in
+            self._disarm_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._arm_header_timer()  # the next request's headers get the same deadline
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+
 def make_server(app: Any, sock: socket.socket, *, graceful_s: int = 10,
-                log_level: str = "info") -> uvicorn.Server:
+                log_level: str = "info", header_timeout_s: float = 10.0,
+                keep_alive_s: int = 5, max_connections: int = 256) -> uvicorn.Server:
     """A uvicorn server for ``app`` on ``sock``: our access log replaces uvicorn's; on SIGINT or
     SIGTERM it stops accepting, lets running requests finish (up to ``graceful_s``), then runs
-    the app's shutdown (which closes the store)."""
+    the app's shutdown (which closes the store). Connection limits: see the module docstring."""
+    if not header_timeout_s > 0 or keep_alive_s < 1 or max_connections < 1:
+        raise ValueError("header_timeout_s, keep_alive_s and max_connections must be positive")
+    from .uploads import tune_process_memory
+
+    tune_process_memory()  # decodes give their memory back (see there)
     host, port = sock.getsockname()[:2]
+    protocol = type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,),
+                    {"header_timeout_s": float(header_timeout_s)})
     cfg = uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None,
                          log_level=log_level, timeout_graceful_shutdown=graceful_s,
-                         lifespan="on", server_header=False)
+                         lifespan="on", server_header=False, http=protocol,
+                         timeout_keep_alive=keep_alive_s, limit_concurrency=max_connections)
     return uvicorn.Server(cfg)
 
 
@@ -71,10 +138,11 @@ class ServerThread:
     """Serve an app from a background thread (tests, benchmarks): ``with ServerThread(app) as
     url: ...``; leaving the block shuts the server down gracefully."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0,
+                 **server_kwargs: Any) -> None:
         self.sock = bind_socket(host, port)
         self.url = url_of(self.sock)
-        self.server = make_server(app, self.sock, log_level="warning")
+        self.server = make_server(app, self.sock, log_level="warning", **server_kwargs)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="rscir-serve", daemon=True)
 
