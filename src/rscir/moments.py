@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InvalidArgumentError
 from .scoring import QueryStats
 
 
@@ -73,11 +74,11 @@ class ArchiveMoments:
     def from_sums(cls, m: Moments) -> ArchiveMoments:
         n = int(m.n)
         if n < 2:
-            raise ValueError("WeiCom normalization needs an archive of at least 2 items")
+            raise InvalidArgumentError("WeiCom normalization needs an archive of at least 2 items")
         s = np.asarray(m.sum, np.float64)
         ss = np.asarray(m.sumsq, np.float64)
         if s.ndim != 1 or ss.shape != (s.shape[0], s.shape[0]):
-            raise ValueError(f"moment shapes do not match: sum {s.shape}, sumsq {ss.shape}")
+            raise InvalidArgumentError(f"moment shapes do not match: sum {s.shape}, sumsq {ss.shape}")
         mu = s / n
         # (Σxxᵀ − n μμᵀ)/(n−1); symmetrized so qᵀΣq sees no rounding asymmetry
         cov = (ss - n * np.outer(mu, mu)) / (n - 1)
@@ -97,7 +98,7 @@ class ArchiveMoments:
         """Exact per-query mean and unbiased std of ``q·x`` over the archive, shape (Q, 1)."""
         q = np.atleast_2d(np.asarray(queries, np.float64))
         if q.shape[1] != self.dim:
-            raise ValueError(f"queries have dim {q.shape[1]}, archive moments have {self.dim}")
+            raise InvalidArgumentError(f"queries have dim {q.shape[1]}, archive moments have {self.dim}")
         mean = q @ self.mean
         var = ((q @ self.cov) * q).sum(axis=1)  # qᵀΣq per query, as one matrix product
         std = np.sqrt(np.maximum(var, 0.0))  # tiny negative values are rounding of a 0 variance

@@ -9,7 +9,7 @@ import sys
 from .core import add_model_args
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the rscir parser."""
     p = sub.add_parser(
         "serve", help="HTTP API + web page for composed search",

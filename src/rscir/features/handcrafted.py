@@ -35,6 +35,8 @@ from skimage.color import rgb2hsv
 from skimage.feature import local_binary_pattern
 from skimage.filters import gabor_kernel
 
+from ..errors import InvalidArgumentError
+
 ImageLike = Image.Image | np.ndarray
 
 
@@ -49,7 +51,7 @@ def to_working_array(image: ImageLike, size: int = 128) -> np.ndarray:
         if arr.ndim == 2:
             arr = arr[..., None]
         if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or min(arr.shape[:2]) < 1:
-            raise ValueError(f"expected an HxW or HxWxC image array, got shape {arr.shape}")
+            raise InvalidArgumentError(f"expected an HxW or HxWxC image array, got shape {arr.shape}")
         if arr.dtype != np.uint8:
             a = arr.astype(np.float64)
             if np.nanmax(a, initial=0.0) <= 1.0:
@@ -113,7 +115,7 @@ class HandcraftedDescriptor:
 
     def __post_init__(self) -> None:
         if self.size < 16:
-            raise ValueError(f"working size must be at least 16 px, got {self.size}")
+            raise InvalidArgumentError(f"working size must be at least 16 px, got {self.size}")
 
     # ---- layout ---------------------------------------------------------------------------
     def block_dims(self) -> dict[str, int]:
@@ -198,7 +200,7 @@ class HandcraftedDescriptor:
         """(B, size, size, 3) uint8 -> (B, D) float32 descriptors."""
         arr = np.asarray(batch)
         if arr.ndim != 4 or arr.shape[1:] != (self.size, self.size, 3) or arr.dtype != np.uint8:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"expected a (B, {self.size}, {self.size}, 3) uint8 batch, got "
                 f"{arr.shape} {arr.dtype}; use to_working_array() first"
             )

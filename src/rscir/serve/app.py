@@ -511,7 +511,7 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
                                          "description": "SearchRequest as JSON"}}}},
         }}},
     )
-    async def search(request: Request) -> JSONResponse:
+    async def search(request: Request) -> Response:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         upload: IO[bytes] | None = None
         if ctype == "application/json":
@@ -542,9 +542,9 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
         return JSONResponse(out)
 
     _install_openapi(app)
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_upload_bytes + 64 * 1024)  # type: ignore[arg-type]
-    app.add_middleware(BodyDeadline, timeout_s=cfg.body_timeout_s)  # type: ignore[arg-type]
-    app.add_middleware(AccessLog)  # type: ignore[arg-type]  # outermost: logs 413s too
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_upload_bytes + 64 * 1024)
+    app.add_middleware(BodyDeadline, timeout_s=cfg.body_timeout_s)
+    app.add_middleware(AccessLog)  # outermost: logs 413s too
     return app
 
 

@@ -36,6 +36,8 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
+from ..errors import InvalidArgumentError
+
 MiB = 1024 * 1024
 PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")  # TIFF goes to GDAL, by magic bytes
 ACCEPTED = "JPEG, PNG, TIFF/GeoTIFF, WebP or BMP"
@@ -85,11 +87,11 @@ class UploadLimits:
         for name in ("max_bytes", "max_pixels", "max_side", "short_side", "long_side",
                      "decode_memory"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+                raise InvalidArgumentError(f"{name} must be >= 1")
         if not self.max_aspect >= 1:
-            raise ValueError("max_aspect must be >= 1")
+            raise InvalidArgumentError("max_aspect must be >= 1")
         if not self.wait_s > 0:
-            raise ValueError("wait_s must be > 0")
+            raise InvalidArgumentError("wait_s must be > 0")
 
 
 class DecodeBudget:
