@@ -67,6 +67,7 @@ PHRASES: dict[str, str] = {
     "mobile-home": "mobile homes", "ship": "ships", "tanks": "storage tanks",
 }
 SPLITS: tuple[str, ...] = ("val", "test")
+AVG = "avg"  # pseudo-task: the mean of the per-task means
 
 
 def ablation_methods(with_encoder: bool = True) -> list[str]:
@@ -304,7 +305,11 @@ class ComposedResult:
 
     def mean(self, method: str, lam: float | None, task: str | None = None,
              split: str | None = None, metric: str = "AP") -> float:
-        """Mean over the selected pairs, in percent (NaN when none)."""
+        """Mean over the selected pairs, in percent (NaN when none). ``task="avg"``: the mean
+        of the per-task means (PatternCom's ``avg`` over attributes); None: all pairs."""
+        if task == AVG:
+            return float(np.mean([self.mean(method, lam, t, split, metric)
+                                  for t in self.queries.tasks()]))
         sel = self._sel(task, split)
         if not sel.any():
             return float("nan")
@@ -375,8 +380,8 @@ class ComposedResult:
                                                   for t in ("centre", "tcentre", "project",
                                                             "qe")}})
         c = pd.DataFrame(comp, index=s.index)
-        keep = ["lambda", f"{select_on} mAP", "mAP", "R@1", "R@5", "R@10", "oracle mAP",
-                "Δ vs weicom"]
+        keep = ["lambda", f"{select_on} mAP", "mAP", *[f"R@{k}" for k in self.ks],
+                f"P@{self.ks[-1]}", "oracle mAP", "Δ vs weicom"]
         return pd.concat([c, s[[k for k in keep if k in s.columns]]], axis=1)
 
     def paired_bootstrap(self, a: tuple[str, float | None], b: tuple[str, float | None],

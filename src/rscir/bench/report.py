@@ -158,7 +158,8 @@ def write_patterncom_report(
 
 # --------------------------------------------------------------------------- composed / xView2
 KEY_METHODS: tuple[str, ...] = (
-    "weicom", "weicom+centre", "weicom+qe", "weicom-x", "minmax", "harris", "basic",
+    "weicom", "weicom+centre", "weicom+qe", "weicom+centre+qe", "weicom-x", "minmax", "harris",
+    "basic",
 )
 
 
@@ -177,7 +178,7 @@ def plot_method_lambda(
     from matplotlib.figure import Figure
 
     shown = [m for m in methods if m in result.methods and result.method_lams(m) != [None]]
-    fig = Figure(figsize=(5.2 * len(tasks), 4.2), dpi=120)
+    fig = Figure(figsize=(max(6.5, 5.2 * len(tasks)), 4.4), dpi=120)
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
     lams = [float(x) for x in result.lams]
     for ax, task in zip(axes, tasks, strict=True):
@@ -194,7 +195,7 @@ def plot_method_lambda(
                            linewidth=1, label=f"{m} only")
         ax.set_xlabel("λ (0 = image only, 1 = text only)")
         ax.set_ylabel(f"mAP (%), {split} split")
-        ax.set_title(f"{title}: {task}")
+        ax.set_title(f"{title}: {task}", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncols=2)
     fig.tight_layout()
@@ -210,11 +211,13 @@ def write_composed_report(
     title: str = "Composed retrieval on real tiles",
     meta: dict[str, Any] | None = None,
     compare: tuple[str, str] = ("weicom-x", "weicom"),
+    average_tasks: bool = False,
 ) -> dict[str, Path]:
     """Tables (``.md`` + ``.csv``) of a :class:`rscir.bench.composed.ComposedResult`: per
     task the method summary / ablation (λ chosen on ``val``, ``test`` reported), the λ table,
     a paired bootstrap of ``compare``; ``per_pair.csv`` (AP at each method's chosen λ) and
-    ``map_vs_lambda.png``."""
+    ``map_vs_lambda.png``. ``average_tasks`` adds the ``avg`` pseudo-task (mean of the task
+    means, λ chosen on it), first: PatternCom's headline over attributes."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -234,7 +237,7 @@ def write_composed_report(
         {"task": q.task, "query": q.query, "text": [q.texts[t] for t in q.text],
          "split": q.split})
     per_pair["n_relevant"] = q.n_relevant()
-    for task in tasks:
+    for task in (["avg"] if average_tasks and len(tasks) > 1 else []) + tasks:
         abl = result.ablation(task)
         abl.to_csv(out / f"ablation_{task}.csv")
         written[f"ablation_{task}"] = out / f"ablation_{task}.csv"
@@ -244,12 +247,12 @@ def write_composed_report(
         lt.to_csv(out / f"lambda_{task}.csv")
         written[f"lambda_{task}"] = out / f"lambda_{task}.csv"
         a, b = compare
-        if a in result.methods and b in result.methods:
+        if task != "avg" and a in result.methods and b in result.methods:
             la, lb = result.choose_lambda(a, task), result.choose_lambda(b, task)
             d, lo, hi = result.paired_bootstrap((a, la), (b, lb), task)
             md.append(f"\n{a} − {b} on test (λ {la} vs {lb}): {d:+.2f} mAP, 95% interval "
                       f"[{lo:+.2f}, {hi:+.2f}] (bootstrap over query tiles)\n")
-        for m in result.methods:
+        for m in result.methods if task != "avg" else []:
             lam = result.choose_lambda(m, task)
             col = per_pair.get(f"AP {m}", pd.Series(np.nan, index=per_pair.index))
             sel = q.task == task
@@ -261,7 +264,8 @@ def write_composed_report(
         md.append(f"\n### {task}\n\n" + markdown_table(result.lambda_table(task, "test")))
     per_pair.to_csv(out / "per_pair.csv", index=False)
     written["per_pair"] = out / "per_pair.csv"
-    plot_method_lambda(result, out / "map_vs_lambda.png", tasks, title=title.split(":")[0])
+    plot_tasks = ["avg"] if average_tasks and len(tasks) > 1 else tasks
+    plot_method_lambda(result, out / "map_vs_lambda.png", plot_tasks, title=title.split(":")[0])
     written["plot"] = out / "map_vs_lambda.png"
     _atomic_write(out / "results.md", "".join(md))
     written["markdown"] = out / "results.md"
@@ -269,7 +273,7 @@ def write_composed_report(
            "n_database": result.n_database, "seconds": round(result.seconds, 3),
            "lams": list(result.lams), "ks": list(result.ks), "skipped": result.skipped,
            "summary": {t: json.loads(result.summary(t).to_json(orient="index"))
-                       for t in tasks}}
+                       for t in (["avg"] if average_tasks and len(tasks) > 1 else []) + tasks}}
     _atomic_write(out / "results.json", json.dumps(doc, ensure_ascii=False, default=str))
     written["json"] = out / "results.json"
     return written

@@ -225,8 +225,11 @@ def _store_and_encoder(a: argparse.Namespace, images: Path, out: Path) -> tuple[
     return store_dir, enc
 
 
-def _print_summary(res: Any, written: dict, out: Path, as_json: bool, header: str) -> None:
+def _print_summary(res: Any, written: dict, out: Path, as_json: bool, header: str,
+                   average: bool = False) -> None:
     tasks = res.queries.tasks()
+    if average and len(tasks) > 1:  # PatternCom attributes: the average over them first
+        tasks = ["avg", *tasks]
     if as_json:
         doc = {"summary": {t: json.loads(res.summary(t).to_json(orient="index")) for t in tasks},
                "files": {k: str(v) for k, v in written.items()}, "seconds": res.seconds,
@@ -309,10 +312,11 @@ def cmd_composed(a: argparse.Namespace) -> int:
         meta = {"data": str(data), "store": str(store_dir), "model": enc.info.name,
                 "subset": a.subset, "min_relevant": min_rel}
         title = f"Composed retrieval on real tiles ({a.subset})"
-    written = write_composed_report(res, out, title=title, meta=meta)
+    written = write_composed_report(res, out, title=title, meta=meta,
+                                    average_tasks=bool(a.patterncom))
     _print_summary(res, written, out, a.json,
                    f"{title}: {res.n_database} items, {len(res.queries)} pairs, "
-                   f"{res.seconds:.1f} s")
+                   f"{res.seconds:.1f} s", average=bool(a.patterncom))
     return 0
 
 
