@@ -17,6 +17,7 @@ from .encoders.base import Encoder
 from .encoders.builtin import default_registry
 from .encoders.registry import ModelRegistry
 from .ingest.pipeline import IndexReport
+from .scoring.methods import FusionOptions
 from .search.searcher import Searcher
 from .stores.base import EmbeddingStore
 from .stores.uri import existing_model, open_store
@@ -44,14 +45,15 @@ def load_encoder_for_store(
 
 def open_searcher(
     store: str | os.PathLike[str] | EmbeddingStore, *, strategy: str = "auto",
-    **model_kwargs: Any,
+    fusion: FusionOptions | None = None, **model_kwargs: Any,
 ) -> Searcher:
     """Open a store read-only (a directory or a ``postgresql://`` URI) together with its model;
-    ``strategy`` as in :class:`~rscir.search.Searcher`."""
+    ``strategy`` and ``fusion`` (word lists, query-expansion depth) as in
+    :class:`~rscir.search.Searcher`."""
     st = store if isinstance(store, EmbeddingStore) else open_store(store)
     try:
         enc = load_encoder_for_store(st, **model_kwargs)
-        return Searcher(st, enc, strategy=strategy)
+        return Searcher(st, enc, strategy=strategy, fusion=fusion)
     except BaseException:
         st.close()
         raise

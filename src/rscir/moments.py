@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InvalidArgumentError
-from .scoring import QueryStats
+from .scoring.fusion import QueryStats
 
 
 @dataclass(frozen=True)

@@ -65,8 +65,9 @@ def test_cli_errors_are_clean(tmp_path: Path, image_folder: Path, capsys) -> Non
                "--no-progress", "--workers", "0")[0] == 0
     rc, _, err = run(capsys, "search", str(store), "--image", str(tmp_path / "nope.jpg"), "--text", "x")
     assert rc == 2 and "not found" in err
-    rc, _, err = run(capsys, "search", str(store), "--image", str(image_folder / "beach" / "beach01.jpg"))
-    assert rc == 2 and "needs a text modifier" in err
+    rc, _, err = run(capsys, "search", str(store), "--image",
+                     str(image_folder / "beach" / "beach01.jpg"), "--method", "weicom")
+    assert rc == 2 and "needs a text modifier: give --text" in err
     rc, _, err = run(capsys, "search", str(store), "--item-id", "999", "--text", "x")
     assert rc == 2 and "unknown item id" in err
     rc, _, err = run(capsys, "search", str(store), "--item-id", "1", "--text", "x", "--lam", "2")

@@ -341,7 +341,7 @@ def test_lam_control_disabled_for_methods_it_does_not_affect(offline, served) ->
         assert pg.is_disabled("#lam"), method
         assert pg.is_disabled("input[name=view][value=strip]"), method
         note = pg.text_content("#lam-note")
-        assert pg.is_visible("#lam-note") and "only weighs WeiCom" in note and "ignores" in note
+        assert pg.is_visible("#lam-note") and "only weighs the fused methods" in note and "ignores" in note
         assert "λ not used" in pg.text_content("#status")
         assert [(c["id"], c["score"]) for c in grid(pg)] == api_hits(served["url"], req)[0]
     # WeiCom without a text runs image-only: λ has nothing to weigh

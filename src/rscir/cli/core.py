@@ -59,9 +59,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--item-id", type=int, help="an archive item id as the query image")
     p.add_argument("--text", action="append", default=[], help="text modifier (repeat to average)")
     p.add_argument("--method", default=None,
-                   help="fusion: weicom (default with image and text), image, text, average, "
-                   "sum, product (see `rscir.scoring`); with only an image or only a text the "
-                   "search is image-only or text-only")
+                   help="weicom (default with image and text), weicom-x, minmax, harris, basic, "
+                   "average, sum, product, image, text, or FUSION+centre+tcentre+project+qe "
+                   "(docs/fusion_methods.md); an image alone is image-only, a text alone "
+                   "text-only")
+    p.add_argument("--qe-k", type=int, default=None,
+                   help="neighbours of query expansion (methods with +qe; default 25)")
+    p.add_argument("--objects", help="file of object words, one a line (tcentre/project)")
+    p.add_argument("--styles", help="file of style/background words, one a line (project)")
     p.add_argument("--lam", type=float, default=0.5, help="λ: 0 = image only, 1 = text only")
     p.add_argument("--lams", help="several λ, e.g. 0,0.25,0.5,0.75,1 or 0:1:0.25")
     p.add_argument("-k", type=int, default=20, help="results per λ (up to 10000)")
@@ -154,6 +159,32 @@ def search_filter(a: argparse.Namespace) -> Any:
     return None if f.is_empty() else f
 
 
+def _words(path: str | None, flag: str) -> tuple[str, ...] | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise PathNotFoundError(f"{flag}: no word file at {p}")
+    words = tuple(w.strip() for w in p.read_text().splitlines() if w.strip())
+    if not words:
+        raise InvalidArgumentError(f"{flag}: {p} holds no words (one a line)")
+    return words
+
+
+def fusion_options(a: argparse.Namespace) -> Any:
+    """The FusionOptions the search flags describe (defaults otherwise)."""
+    from ..scoring.methods import FusionOptions
+
+    kw: dict[str, Any] = {}
+    if a.qe_k is not None:
+        kw["qe_k"] = a.qe_k
+    for name, flag in (("objects", "--objects"), ("styles", "--styles")):
+        words = _words(getattr(a, name), flag)
+        if words is not None:
+            kw[name] = words
+    return FusionOptions(**kw)
+
+
 def cmd_search(a: argparse.Namespace) -> int:
     from ..api import open_searcher
     from ..errors import QueryError
@@ -169,8 +200,8 @@ def cmd_search(a: argparse.Namespace) -> int:
         raise InvalidArgumentError("--format parquet needs --out FILE")
     lams = parse_lams(a.lams) if a.lams else [a.lam]
     where = search_filter(a)
-    s = open_searcher(a.store, strategy=a.strategy, model=a.model, arch=a.arch,
-                      checkpoint=a.checkpoint, device=a.device)
+    s = open_searcher(a.store, strategy=a.strategy, fusion=fusion_options(a), model=a.model,
+                      arch=a.arch, checkpoint=a.checkpoint, device=a.device)
     with s:
         try:
             results = s.search(image=a.image, item_id=a.item_id, text=a.text or None, lam=lams,

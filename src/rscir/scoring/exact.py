@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,9 @@ def _as_queries(v: np.ndarray | None, dim: int, what: str) -> np.ndarray | None:
     return q
 
 
-def _archive_moments(moments: object):  # -> ArchiveMoments (lazy import: moments imports us)
+def _archive_moments(moments: object) -> Any:
+    """ArchiveMoments of ``moments`` (imported here: importing rscir.moments runs this package's
+    ``__init__`` first, which imports this module)."""
     from ..moments import ArchiveMoments, Moments
 
     if isinstance(moments, ArchiveMoments):

@@ -23,7 +23,21 @@ from ..caching import LRU
 from ..encoders.base import Encoder, ImageLike, l2_normalize
 from ..errors import InvalidArgumentError, PathNotFoundError, QueryError
 from ..moments import ArchiveMoments
-from ..scoring import NEEDS_IMAGE, NEEDS_TEXT, QueryStats, check_lam, check_method, norm_cdf
+from ..scoring import (
+    METHODS,
+    FusionOptions,
+    MethodSpec,
+    PreparedQueries,
+    QueryStats,
+    TextBasisCache,
+    archive_similarities,
+    check_lam,
+    fuse_prepared,
+    method_spec,
+    norm_cdf,
+    prepare_queries,
+    topk,
+)
 from ..stores.base import EmbeddingStore
 from ..stores.filters import ItemFilter
 from .results import Hit, SearchResult, build_hits
@@ -35,6 +49,7 @@ from .strategy import (
     StreamParams,
     TopK,
     check_strategy,
+    exclusions,
     query_stats,
     strategies_for,
 )
@@ -45,7 +60,8 @@ BRUTE_MAX = SearchParams().brute_max
 
 def resolve_method(method: str | None, has_image: bool, has_text: bool,
                    lams: Sequence[float] = (0.5,)) -> str:
-    """The method a query means (see :meth:`Searcher.search`); errors name Python arguments."""
+    """The method a query means (see :meth:`Searcher.search`); errors name Python arguments.
+    Any name of :mod:`rscir.scoring.methods` (a preset or ``FUSION+transform...``) is valid."""
     if method is None:
         if has_image and has_text:
             return "weicom"
@@ -55,16 +71,50 @@ def resolve_method(method: str | None, has_image: bool, has_text: bool,
             return "text"
         raise QueryError("give a query: image= or item_id= (an image), text= (a modifier), "
                          "or both")
-    check_method(method)
+    spec = method_spec(method)
     if method == "weicom" and has_image and not has_text and all(x == 0.0 for x in lams):
         return "image"  # λ = 0 is image only
     if method == "weicom" and has_text and not has_image and all(x == 1.0 for x in lams):
         return "text"  # λ = 1 is text only
-    if method in NEEDS_IMAGE and not has_image:
+    if spec.needs_image and not has_image:
         raise QueryError(f"method {method!r} needs a query image: give image= or item_id=")
-    if method in NEEDS_TEXT and not has_text:
+    if spec.needs_text and not has_text:
         raise QueryError(f"method {method!r} needs a text modifier: give text=")
-    return method
+    return spec.name
+
+
+def _add_norms(res: list[TopK], i_st: QueryStats | None, t_st: QueryStats | None) -> None:
+    """WeiCom's normalized similarities Φ(z) of the hits (z over the whole archive)."""
+    for r in res:
+        if r.sim_image is not None and i_st is not None:
+            r.norm_image = np.where(np.isnan(r.sim_image), np.nan, norm_cdf(
+                np.nan_to_num(r.sim_image), i_st))
+        if r.sim_text is not None and t_st is not None:
+            r.norm_text = np.where(np.isnan(r.sim_text), np.nan, norm_cdf(
+                np.nan_to_num(r.sim_text), t_st))
+
+
+# what each fusion adds for a per-query offset of the used similarities (q'·x − offset)
+_OFFSET_WEIGHTS = {"image": (1.0, 0.0), "text": (0.0, 1.0), "sum": (1.0, 1.0),
+                   "average": (0.5, 0.5), "weicom": (0.0, 0.0)}
+
+
+def _apply_offsets(res: list[TopK], fusion: str, oi: np.ndarray | None,
+                   ot: np.ndarray | None) -> None:
+    """Strategies score ``q'·x``; the method's similarities are ``q'·x − offset`` (centring):
+    shift the scores and similarities by their per-query constants (ranks do not change)."""
+    wi, wt = _OFFSET_WEIGHTS[fusion]
+    for r in res:
+        shift = np.zeros((r.scores.shape[0], 1))
+        if oi is not None:
+            shift += wi * oi
+            if r.sim_image is not None:
+                r.sim_image = r.sim_image - oi
+        if ot is not None:
+            shift += wt * ot
+            if r.sim_text is not None:
+                r.sim_text = r.sim_text - ot
+        r.scores = np.where(np.isfinite(r.scores), r.scores - shift, r.scores)
 
 
 class Searcher:
@@ -83,6 +133,7 @@ class Searcher:
         stream: StreamParams | None = None,
         chunk_rows: int | None = None,
         text_cache: int = 512,
+        fusion: FusionOptions | None = None,
     ) -> None:
         if encoder is not None:
             store.check_model(encoder.info)
@@ -100,6 +151,8 @@ class Searcher:
         self._strategies: dict[str, SearchStrategy] = {}
         self._lock = threading.Lock()
         self._texts = LRU(text_cache)
+        self.fusion = fusion or FusionOptions()  # word lists, query expansion depth, ...
+        self._bases = TextBasisCache()
 
     # ----------------------------------------------------------------- query encoding
     def _require_encoder(self) -> Encoder:
@@ -192,7 +245,7 @@ class Searcher:
         ``rows``), WeiCom normalized over the whole archive. A full scan: for tools and tests."""
         from .directory import fused_scores
 
-        check_method(method)
+        method_spec(method)
         check_lam(lam)
         return fused_scores(self.store.embeddings, img, txt, method, lam,
                             self.query_stats(img, txt, method), rows, self.params.chunk_rows)
@@ -211,14 +264,87 @@ class Searcher:
     ) -> list[TopK]:
         """Top-k of a batch of query vectors for each λ (ids ``-1`` pad queries for which fewer
         than k items qualify). Items in ``exclude_ids`` (one per query) and items failing
-        ``where`` are never returned; scores are exact whatever the strategy."""
+        ``where`` are never returned; scores are exact whatever the strategy.
+
+        Any method of :mod:`rscir.scoring.methods` works: the original fusions go straight to
+        the strategy; methods with query transforms (centring, projection, query expansion)
+        prepare the query vectors first and then use the strategy when their fused score stays
+        a monotone function of two inner products (``ta_capable``); the rest (``minmax``,
+        ``harris``, ``basic``) need every item's similarities and are scored by an exact scan,
+        whatever ``strategy`` says."""
         lam_list = [check_lam(x) for x in lams]
         if int(k) < 1:
             raise InvalidArgumentError(f"k must be at least 1, got {k}")
-        query = ComposedQuery.make(img, txt, method, exclude_ids)
-        if query.dim != self.store.dim:
-            raise QueryError(f"query vectors have dim {query.dim}, the store holds {self.store.dim}")
-        return self.strategy(strategy).search(query, lam_list, int(k), where)
+        spec = method_spec(method)
+        for v in (img, txt):
+            if v is not None and np.atleast_2d(v).shape[-1] != self.store.dim:
+                raise QueryError(f"query vectors have dim {np.atleast_2d(v).shape[-1]}, the "
+                                 f"store holds {self.store.dim}")
+        if not spec.transforms and spec.fusion in METHODS:  # the original methods
+            query = ComposedQuery.make(img, txt, spec.fusion, exclude_ids)
+            res = self.strategy(strategy).search(query, lam_list, int(k), where)
+            if spec.fusion == "weicom":
+                i_st, t_st = query_stats(
+                    self._moments.get(self.store.generation, self.store.moments), query)
+                _add_norms(res, i_st, t_st)
+            return res
+        prep = self.prepare(spec, img, txt)
+        excl = exclusions(exclude_ids, prep.n_queries)
+        if spec.ta_capable:
+            query = ComposedQuery.make(prep.img, prep.txt, spec.fusion, excl)
+            res = self.strategy(strategy).search(query, lam_list, int(k), where)
+            _apply_offsets(res, spec.fusion, prep.img_offset, prep.txt_offset)
+        else:
+            res = self._exact_method(prep, lam_list, int(k), excl, where)
+        if spec.fusion == "weicom":
+            _add_norms(res, prep.used_stats("img"), prep.used_stats("txt"))
+        return res
+
+    def prepare(self, spec: MethodSpec, img: np.ndarray | None, txt: np.ndarray | None,
+                ) -> PreparedQueries:
+        """A method's transformed queries (centring from the moments, the word-list basis
+        from this searcher's text encoder, query expansion over the store's embeddings)."""
+        basis = None
+        if spec.tcentre or spec.project:
+            enc = self._require_encoder()
+            basis = self._bases.get(enc.info.fingerprint, enc.encode_texts, self.fusion.objects,
+                                    self.fusion.styles if spec.project else None,
+                                    alpha=self.fusion.alpha,
+                                    n_components=self.fusion.n_components)
+        try:
+            return prepare_queries(
+                spec, img, txt, self.archive_moments(), options=self.fusion, basis=basis,
+                embeddings=self.store.embeddings if spec.qe else None)
+        except QueryError as e:  # name the arguments as the rest of the searcher does
+            raise QueryError(str(e).replace("needs a query image", "needs a query image: give "
+                                            "image= or item_id=").replace(
+                "needs a query text", "needs a text modifier: give text=")) from None
+
+    def _exact_method(self, prep: PreparedQueries, lams: Sequence[float], k: int,
+                      excl: np.ndarray, where: ItemFilter | None) -> list[TopK]:
+        """Every item scored (methods normalized by per-query ranges need all of them)."""
+        st = self.store
+        n = len(st)
+        nq = prep.n_queries
+        if n == 0:
+            return [TopK.empty(nq) for _ in lams]
+        k = min(k, n)
+        si, sx = archive_similarities(prep, st.embeddings, chunk=self.params.chunk_rows)
+        ok = np.ones(n, bool) if where is None or where.is_empty() else \
+            where.mask(st.filter_index())
+        ids = st.ids
+        out = []
+        for lam in lams:
+            f = np.array(fuse_prepared(prep, si, sx, lam, options=self.fusion), np.float64)
+            f[:, ~ok] = -np.inf
+            f[(excl[:, None] >= 0) & (ids[None, :] == excl[:, None])] = -np.inf
+            idx, vals = topk(f, k)
+            good = np.isfinite(vals)
+            out.append(TopK(
+                np.where(good, ids[idx], -1), np.where(good, vals, -np.inf),
+                None if si is None else np.where(good, np.take_along_axis(si, idx, 1), np.nan),
+                None if sx is None else np.where(good, np.take_along_axis(sx, idx, 1), np.nan)))
+        return out
 
     def search_vectors(
         self,
@@ -260,13 +386,7 @@ class Searcher:
             None if img is None else np.asarray(img)[None],
             None if txt is None else np.asarray(txt)[None],
             method, lams, k, [exclude_id], where, strategy=strategy)
-        out = []
-        for r in res:
-            ok = r.ids[0] >= 0
-            out.append(TopK(r.ids[0][ok], r.scores[0][ok],
-                            None if r.sim_image is None else r.sim_image[0][ok],
-                            None if r.sim_text is None else r.sim_text[0][ok]))
-        return out
+        return [r.row(0) for r in res]
 
     @overload
     def search(self, image: QueryImage | None = None, text: str | Sequence[str] | None = None,
@@ -322,29 +442,25 @@ class Searcher:
         res = self.search_ids(img_vec, txt_vec, method, lams, int(k) + int(offset),
                               exclude_id=qid if exclude_query else None, where=where,
                               strategy=strategy)
-        out = [SearchResult(hits=self.hits(r, img_vec, txt_vec, method, offset=int(offset)),
+        out = [SearchResult(hits=self.hits(r, offset=int(offset)),
                             method=method, lam=lm, texts=texts, query_id=qid,
                             offset=int(offset)) for lm, r in zip(lams, res, strict=True)]
         return out if isinstance(lam, Sequence) else out[0]
 
-    def hits(self, res: TopK, img: np.ndarray | None = None, txt: np.ndarray | None = None,
-             method: str = "weicom", *, offset: int = 0) -> list[Hit]:
+    def hits(self, res: TopK, *, offset: int = 0) -> list[Hit]:
         """Ranked hits of one query's :class:`TopK` (from ``offset``) with their metadata and
         why they matched (one store lookup for all ids)."""
         ids = res.ids[offset:]
         if not len(ids):
             return []
-        meta = self.store.items_for_ids(ids)
-        si = None if res.sim_image is None else res.sim_image[offset:]
-        st = None if res.sim_text is None else res.sim_text[offset:]
-        ni = nt = None
-        if method == "weicom":
-            i_st, t_st = self.query_stats(img if si is not None else None,
-                                          txt if st is not None else None, method)
-            ni = None if si is None or i_st is None else norm_cdf(si[None], i_st)[0]
-            nt = None if st is None or t_st is None else norm_cdf(st[None], t_st)[0]
-        return build_hits(meta, res.scores[offset:], first_rank=offset + 1, sim_image=si,
-                          sim_text=st, norm_image=ni, norm_text=nt)
+
+        def cut(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[offset:]
+
+        return build_hits(self.store.items_for_ids(ids), res.scores[offset:],
+                          first_rank=offset + 1, sim_image=cut(res.sim_image),
+                          sim_text=cut(res.sim_text), norm_image=cut(res.norm_image),
+                          norm_text=cut(res.norm_text))
 
     def close(self) -> None:
         self.store.close()

@@ -47,6 +47,17 @@ def check_strategy(strategy: str) -> str:
     return strategy
 
 
+def exclusions(exclude_ids: Sequence[int | None] | np.ndarray | None, nq: int) -> np.ndarray:
+    """Per query, the id of an item never to return (``-1``: none)."""
+    excl = np.full(nq, -1, np.int64)
+    if exclude_ids is not None:
+        vals = [-1 if v is None else int(v) for v in exclude_ids]
+        if len(vals) != nq:
+            raise QueryError(f"{len(vals)} excluded ids for {nq} queries")
+        excl[:] = vals
+    return excl
+
+
 @dataclass(frozen=True)
 class ComposedQuery:
     """A batch of ``Q`` composed queries: unit image and/or text vectors ``(Q, d)`` (float32),
@@ -71,13 +82,7 @@ class ComposedQuery:
         nq = (qi if qi is not None else qt).shape[0]  # type: ignore[union-attr]  # one is set
         if qi is not None and qt is not None and qi.shape != qt.shape:
             raise QueryError(f"image queries {qi.shape} and text queries {qt.shape} differ")
-        excl = np.full(nq, -1, np.int64)
-        if exclude_ids is not None:
-            vals = [-1 if v is None else int(v) for v in exclude_ids]
-            if len(vals) != nq:
-                raise QueryError(f"{len(vals)} excluded ids for {nq} queries")
-            excl[:] = vals
-        return cls(qi, qt, method, excl)
+        return cls(qi, qt, method, exclusions(exclude_ids, nq))
 
     @property
     def nq(self) -> int:
@@ -99,6 +104,18 @@ class TopK:
     scores: np.ndarray
     sim_image: np.ndarray | None = None
     sim_text: np.ndarray | None = None
+    norm_image: np.ndarray | None = None  # WeiCom: Φ(z) of sim_image in the archive
+    norm_text: np.ndarray | None = None
+
+    def row(self, i: int) -> TopK:
+        """Query ``i`` alone, padding removed."""
+        ok = self.ids[i] >= 0
+
+        def cut(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[i][ok]
+
+        return TopK(self.ids[i][ok], self.scores[i][ok], cut(self.sim_image), cut(self.sim_text),
+                    cut(self.norm_image), cut(self.norm_text))
 
     @classmethod
     def empty(cls, nq: int, k: int = 0) -> TopK:

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..caching import LRU
 from ..errors import QueryError, UnknownItemError
-from ..scoring import METHODS, NEEDS_IMAGE, NEEDS_TEXT
+from ..scoring import method_names, method_spec
 from ..search.export import MEDIA_TYPES, render
 from ..search.results import SearchResult
 from ..search.searcher import Searcher, resolve_method
@@ -318,10 +318,11 @@ class _Api:
                                 "image_token").replace("text=", "texts")) from None
         where = req.filter.to_filter() if req.filter else None
         exclude = req.item_id if req.exclude_query else None
-        res = self.searcher.search_ids(img if method in NEEDS_IMAGE else None,
-                                       txt if method in NEEDS_TEXT else None, method, lams,
+        spec = method_spec(method)
+        res = self.searcher.search_ids(img if spec.needs_image else None,
+                                       txt if spec.needs_text else None, method, lams,
                                        req.k + req.offset, exclude, where)
-        results = [SearchResult(self.searcher.hits(r, img, txt, method, offset=req.offset),
+        results = [SearchResult(self.searcher.hits(r, offset=req.offset),
                                 method, float(lam), list(req.texts), req.item_id, req.offset)
                    for lam, r in zip(lams, res, strict=True)]
         query = {"item_id": req.item_id, "image_token": token, "texts": req.texts,
@@ -445,7 +446,8 @@ def create_app(source: Any, config: ServeConfig | None = None, **model_kwargs: A
     @app.get("/info", summary="model, store size, dimensions, limits")
     async def info() -> dict[str, Any]:
         d = await api.run(api.info)
-        return {**_jsonable(d), "methods": list(METHODS),
+        return {**_jsonable(d), "methods": list(method_names()),
+                "method_info": {n: method_spec(n).info() for n in method_names()},
                 "limits": {"max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels,
                            "max_side": cfg.max_side, "max_aspect": cfg.max_aspect,
                            "max_k": cfg.max_k, "max_lams": cfg.max_lams}}

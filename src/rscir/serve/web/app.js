@@ -5,9 +5,11 @@
 // state lives in the URL (?item=…&text=…), so back/forward and shared links work.
 "use strict";
 
-const NEEDS_TEXT = new Set(["weicom", "average", "sum", "product", "text"]);
-const NEEDS_IMAGE = new Set(["weicom", "average", "sum", "product", "image"]);
-const USES_LAM = new Set(["weicom"]);  // average/sum/product/image/text ignore λ
+const FUSED = ["weicom", "weicom-x", "minmax", "harris", "basic", "average", "sum", "product"];
+const NEEDS_TEXT = new Set([...FUSED, "text"]);
+const NEEDS_IMAGE = new Set([...FUSED, "image"]);
+// average/sum/product/image/text ignore λ
+const USES_LAM = new Set(["weicom", "weicom-x", "minmax", "harris", "basic"]);
 const STRIP_LAMS = [0, 0.2, 0.4, 0.6, 0.8, 1];
 const STRIP_K = 8;
 const BROWSE_LIMIT = 48;
@@ -86,7 +88,8 @@ function lam() { return Number(els.lam.value); }
 function view() { return document.querySelector("input[name=view]:checked").value; }
 function hasQueryImage() { return query.itemId !== null || query.file !== null || !!query.token; }
 function basename(p) { return String(p).split("/").pop(); }
-const METHOD_SHORT = { weicom: "WeiCom", average: "average of similarities",
+const METHOD_SHORT = { weicom: "WeiCom", "weicom-x": "WeiCom-X", minmax: "min-max fusion",
+  harris: "Harris fusion", basic: "BASIC", average: "average of similarities",
   sum: "sum of similarities", product: "product of similarities", image: "image only",
   text: "text only" };
 function methodName(m) { return METHOD_SHORT[m] || m; }
@@ -506,7 +509,7 @@ function updateControls() {
   const chosen = els.method.value;
   const method = eff ? eff.method : chosen;
   let why = "";
-  if (!USES_LAM.has(chosen)) why = `λ only weighs WeiCom; “${methodName(chosen)}” ignores it.`;
+  if (!USES_LAM.has(chosen)) why = `λ only weighs the fused methods (WeiCom, min-max, Harris); “${methodName(chosen)}” ignores it.`;
   else if (eff && !USES_LAM.has(method)) why = "λ needs both a query image and a modifier text.";
   const off = !!why;
   els.lam.disabled = off;
