@@ -26,12 +26,13 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
             return ImageFont.load_default()
 
 
-def _thumb(path: Path, size: int) -> Image.Image:
-    from .ingest.images import ImageDecodeError, load_image
+def _thumb(store: EmbeddingStore, rel: str, size: int) -> Image.Image:
+    """An item's thumbnail (a chip as the chip, not its scene); grey when it has no image."""
+    from .ingest.render import item_image
 
     try:
-        im, _ = load_image(path)
-    except ImageDecodeError:
+        im = item_image(store, rel)
+    except (ValueError, OSError):  # undecodable, missing (imported items), outside the root
         im = Image.new("RGB", (size, size), (90, 90, 90))
     im = im.copy()
     im.thumbnail((size, size))
@@ -72,12 +73,7 @@ def contact_sheet(
         draw.text((pad, y + thumb + 4), f"λ = {res.lam:g}", fill=(0, 90, 200), font=f_small)
         for hi, hit in enumerate(res.hits):
             x = left_w + hi * (thumb + pad)
-            try:
-                p = store.resolve_path(hit.path)
-                t = _thumb(p, thumb)
-            except (ValueError, OSError):
-                t = Image.new("RGB", (thumb, thumb), (90, 90, 90))
-            sheet.paste(t, (x, y))
+            sheet.paste(_thumb(store, hit.path, thumb), (x, y))
             draw.text((x, y + thumb + 2), f"#{hit.rank}  {hit.score:.3f}", fill=(0, 0, 0), font=f_small)
             if hit.label:
                 draw.text((x, y + thumb + 15), str(hit.label)[:22], fill=(80, 80, 80), font=f_small)
