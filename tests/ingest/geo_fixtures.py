@@ -177,7 +177,7 @@ def stac_items(root: Path, n: int = 2, size: int = 200) -> list[dict[str, Any]]:
             write_geotiff(d / f"{b}.tif", (rgb[k:k + 1].astype(np.uint16) * 10), origin=origin)
         x0, y1 = origin
         x1, y0 = x0 + size * 10, y1 - size * 10
-        lon, lat = t.transform([x0, x1], [y0, y1])
+        lon, lat = t.transform([x0, x1, x1, x0], [y0, y0, y1, y1])
         geom = box(min(lon), min(lat), max(lon), max(lat))
         item = pystac.Item(iid, mapping(geom), list(geom.bounds),
                            pystac.utils.str_to_datetime(f"2023-06-0{i + 1}T10:20:30Z"), {})

@@ -120,11 +120,17 @@ class Patches:
 
 
 def _patch_time(patch: str) -> str | None:
-    """The sensing time in a Sentinel-2 product-based patch name (``..._20170613T101031_...``)."""
+    """The sensing time in a Sentinel-2 product-based patch name (``..._20170613T101031_...``);
+    the date alone (00:00 UTC) when the time part is garbled (some v1 names: ``T94161``)."""
     for part in patch.split("_"):
-        if len(part) == 15 and part[8] == "T" and part[:8].isdigit():
-            return to_utc_iso(f"{part[:4]}-{part[4:6]}-{part[6:8]}T{part[9:11]}:{part[11:13]}:"
-                              f"{part[13:15]}")
+        if len(part) >= 9 and part[8] == "T" and part[:8].isdigit():
+            day = f"{part[:4]}-{part[4:6]}-{part[6:8]}"
+            t = part[9:]
+            if len(t) == 6 and t.isdigit():
+                full = to_utc_iso(f"{day}T{t[:2]}:{t[2:4]}:{t[4:]}")
+                if full is not None:
+                    return full
+            return to_utc_iso(day)
     return None
 
 

@@ -149,17 +149,17 @@ def _vectors(col: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
     if not ok.any():
         return out, ok
     sub = arr.filter(pa.array(ok)) if not ok.all() else arr
-    lengths = None
+    inner = None  # lengths of the innermost lists (a (1, d) array per row: d each)
     while pa.types.is_list(sub.type) or pa.types.is_large_list(sub.type) or \
             pa.types.is_fixed_size_list(sub.type):
-        if lengths is None:
-            lengths = np.asarray(pc.list_value_length(sub).to_numpy(zero_copy_only=False))
+        inner = np.asarray(pc.list_value_length(sub).to_numpy(zero_copy_only=False))
         sub = sub.flatten()
-    if lengths is None:
+    if inner is None:
         raise InvalidArgumentError(f"the embedding column is not a list column ({arr.type})")
     vals = np.asarray(sub.to_numpy(zero_copy_only=False), np.float32)
-    if vals.size != int(ok.sum()) * dim or (lengths[0] if len(lengths) else dim) != dim:
-        got = int(lengths[0]) if len(lengths) else vals.size // max(int(ok.sum()), 1)
+    rows = int(ok.sum())
+    if vals.size != rows * dim or (inner.size and (inner != inner[0]).any()):
+        got = vals.size // max(rows, 1)
         raise ModelMismatchError(
             f"the file's vectors have {got} values, but the model embeds into dim {dim}: "
             "import with the model the collection was made with")

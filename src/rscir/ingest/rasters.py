@@ -61,6 +61,10 @@ class Raster:
         whole raster), zero outside the raster; ``out_shape`` resamples (bilinear)."""
         if window is None:
             window = (0, 0, self.width, self.height)
+            if out_shape is not None:
+                h0, w0 = out_shape
+                if (h0, w0) == (self.height, self.width):
+                    out_shape = None
         c, r, w, h = window
         c0, r0 = max(c, 0), max(r, 0)
         c1, r1 = min(c + w, self.width), min(r + h, self.height)
@@ -244,18 +248,18 @@ class Decoded:
 def read_unit(root: Path, task: UnitTask, read: RasterRead, cache: RasterCache,
               max_pixels: int) -> Decoded:
     """Pixels and metadata of one unit (a whole raster, a chip window, or a band stack)."""
-    ref = cache.get(href_of(root, task.files[0]))
+    rasters = [cache.get(href_of(root, f)) for f in dict.fromkeys(task.files)]
+    ref = max(rasters, key=lambda x: x.width)  # band stacks: the finest grid is the reference
     win = task.window
     w, h = (win[2], win[3]) if win is not None else (ref.width, ref.height)
     if win is None and w * h > max_pixels:
         raise ImageDecodeError(oversize_message(w, h, max_pixels))
     if task.stacked:
         planes, inside = [], None
-        for k, f in enumerate(task.files):
-            r = ref if k == 0 else cache.get(href_of(root, f))
-            bw = _scaled(win, ref, r)
+        for f in task.files:
+            r = cache.get(href_of(root, f))
             same = r.width == ref.width and r.height == ref.height
-            data, ins = r.read([1], bw, None if same else (h, w))
+            data, ins = r.read([1], _scaled(win, ref, r), None if same else (h, w))
             planes.append(data[0])
             inside = ins if inside is None else inside & ins
         bands = np.stack(planes if len(planes) >= 3 else planes * 3)[:3]

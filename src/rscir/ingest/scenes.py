@@ -187,8 +187,8 @@ def plan_chips(root: Path, sources: list[Source], chip: ChipSpec | None,
             if n is not None:
                 already += n
                 continue
-        try:
-            w, h = probe_size(href_of(root, s.band_files[0]))
+        try:  # a band stack is cut on its finest grid
+            w, h = max(probe_size(href_of(root, f)) for f in dict.fromkeys(s.band_files))
         except ImageDecodeError:
             w = h = 0  # decoding the whole source reports why
         k = len(out_sources)

@@ -91,11 +91,18 @@ def _band_assets(item: Any, bands: Sequence[str | int]) -> list[Any] | None:
     return out
 
 
-def _href(asset: Any, root: Path) -> str:
-    href = asset.get_absolute_href() or asset.href
+def _href(asset: Any, item: Any, root: Path) -> str:
+    """The asset's path relative to ``root`` when inside it, else absolute (or its URL).
+    Relative hrefs are relative to the item's own file, or to the ItemCollection's folder."""
+    href = str(asset.href)
     if "://" in href and not href.startswith("file://"):
         return href
-    p = Path(href.removeprefix("file://")).resolve()
+    href = href.removeprefix("file://")
+    if not os.path.isabs(href):
+        self_href = item.get_self_href()
+        base = Path(self_href).parent if self_href and "://" not in self_href else root
+        href = os.fspath(base / href)
+    p = Path(href).resolve()
     try:
         return p.relative_to(root).as_posix()
     except ValueError:
@@ -118,14 +125,14 @@ def scan(path: Path, asset: str | None, bands: Sequence[str | int] | None) -> St
             if a is None:
                 ignored.append((item.id, f"no asset {asset!r} (has: {', '.join(item.assets)})"))
                 continue
-            rel = _href(a, root)
+            rel = _href(a, item, root)
         elif bands and len(bands) in (1, 3) and (bas := _band_assets(item, bands)) is not None:
-            files = tuple(_href(a, root) for a in bas)
+            files = tuple(_href(a, item, root) for a in bas)
             rel = files[0] if len(files) == 1 else f"{files[0]}#item={item.id}"
             if len(files) == 1:
                 files = ()
         elif "visual" in item.assets:
-            rel = _href(item.assets["visual"], root)
+            rel = _href(item.assets["visual"], item, root)
         else:
             ignored.append((item.id, "choose an asset with --asset KEY (has: "
                             f"{', '.join(item.assets)})"))
