@@ -161,8 +161,8 @@ def bigearthnet_v2(root: Path) -> dict[str, dict[str, Any]]:
 def stac_items(root: Path, n: int = 2, size: int = 200) -> list[dict[str, Any]]:
     """Items with a 3-band uint8 ``visual`` GeoTIFF asset and single-band B02/B03/B04 assets."""
     import pystac
-    from shapely.geometry import box, mapping
     from pyproj import Transformer
+    from shapely.geometry import box, mapping
 
     t = Transformer.from_crs(UTM33, "EPSG:4326", always_xy=True)
     rng = np.random.default_rng(3)

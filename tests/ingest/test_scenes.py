@@ -264,3 +264,16 @@ def test_chips_into_postgres(tmp_path: Path, pg_uri: str, tiny_encoder) -> None:
     rep = index_folder(arch, uri, tiny_encoder, num_workers=0, chip_size=100,
                        sensor="sentinel2-l2a", progress=False)
     assert rep.embedded == 0 and rep.already_indexed == 6
+
+
+def test_oversized_scene_names_chip_size(tmp_path: Path, tiny_encoder) -> None:
+    arch = tmp_path / "arch"
+    rng = np.random.default_rng(2)
+    write_geotiff(arch / "big.tif", rng.integers(1, 255, (1, 1100, 1100)).astype(np.uint8))
+    rep = index_folder(arch, tmp_path / "s", tiny_encoder, num_workers=0, progress=False,
+                       max_pixels=1_000_000)
+    assert rep.embedded == 0 and "--chip-size" in rep.bad[0].reason
+    # as chips of 512 (the last row and column hold 76 of 512 px: empty) it indexes
+    rep = index_folder(arch, tmp_path / "c", tiny_encoder, num_workers=0, progress=False,
+                       max_pixels=1_000_000, chip_size=512)
+    assert (rep.chips, rep.embedded, rep.empty_chips) == (9, 4, 5) and not rep.bad

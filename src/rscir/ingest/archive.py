@@ -132,7 +132,8 @@ def item_record(
     }
     for k, v in source.extra.items():
         if k in GEO_FALLBACK:  # the raster's own footprint (a chip's) is more precise
-            if rec.get(k) is None or (isinstance(rec[k], float) and np.isnan(rec[k])):
+            cur = rec.get(k)
+            if cur is None or (isinstance(cur, float) and cur != cur):  # None or NaN
                 rec[k] = v
         else:
             rec[k] = v

@@ -3,6 +3,7 @@ archive (v1 or v2), or a STAC catalog / ItemCollection file."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ class Archive:
     band_files: tuple[str, ...] = ()  # BigEarthNet: the band files' names, for thumbnails
 
 
-def discover(path: str | Path, kind: str, read: RasterRead, *, asset: str | None = None,
+def discover(path: str | os.PathLike[str], kind: str, read: RasterRead, *, asset: str | None = None,
              bigearthnet_labels: int = 19) -> Archive:
     """The archive at ``path`` (``kind``: auto, folder, bigearthnet or stac)."""
     p = Path(path)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -144,20 +145,20 @@ class RasterRead:
     def preset(self) -> SensorPreset | None:
         return PRESETS[self.sensor] if self.sensor else None
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, Any]:
         return {"bands": list(self.bands) if self.bands else None, "sensor": self.sensor,
                 "stretch": list(self.stretch) if self.stretch else None,
                 "nodata": self.nodata, "min_valid": self.min_valid}
 
     @classmethod
-    def from_dict(cls, d: dict[str, object]) -> RasterRead:
+    def from_dict(cls, d: dict[str, Any]) -> RasterRead:
         b = d.get("bands")
         s = d.get("stretch")
-        return cls(bands=tuple(b) if isinstance(b, list) else None,  # type: ignore[arg-type]
-                   sensor=d.get("sensor"),  # type: ignore[arg-type]
+        return cls(bands=tuple(b) if isinstance(b, list) else None,
+                   sensor=d.get("sensor"),
                    stretch=(str(s[0]), float(s[1]), float(s[2])) if isinstance(s, list) else None,
-                   nodata=None if d.get("nodata") is None else float(d["nodata"]),  # type: ignore[arg-type]
-                   min_valid=float(d.get("min_valid", 0.5)))  # type: ignore[arg-type]
+                   nodata=None if d.get("nodata") is None else float(d["nodata"]),
+                   min_valid=float(d.get("min_valid", 0.5)))
 
     # ------------------------------------------------------------------ bands
     def band_indexes(self, count: int, descriptions: Sequence[str | None] = (),
