@@ -7,14 +7,15 @@ written window by window) and the same pixels cut into ``chip``×``chip`` GeoTIF
 measures in fresh subprocesses, in this run:
 
 * ``decode``: the ingestion decoder alone (``iter_decoded`` with a trivial preprocess): chips
-  read by windowed reads from the scene vs the pre-cut tile files;
+  read by windowed reads from the scene vs the pre-cut tile files (``--workers`` processes);
 * ``index``: a full ``index_folder`` with ``rscir-tiny`` (``--chip-size`` on the scene vs the
   tile folder), with its store commits.
 
-Peak RSS is the main process's plus its largest decoding worker's (``ru_maxrss``; a forked
-worker's count includes pages it shares with the main process, so the sum is an upper bound),
-and the main process's after imports and model loading (the fixed cost). Rates exclude that
-set-up. The ratios scene/tiles are printed last; the issue's target is a peak RSS well under
+Peak memory is sampled every 0.2 s as the proportional set size (PSS: shared pages counted
+once) of the process tree, main process plus decoding workers (``ru_maxrss`` would not do: on
+Linux it survives ``execve``, so a child reports its parent's peak); also the main process's
+after imports and model loading (the fixed cost), and the main process's peak RSS (VmHWM,
+which starts afresh at ``execve``). Rates exclude that set-up. The ratios scene/tiles are printed last; the issue's target is a peak RSS well under
 2 GB for a 20,000² scene whatever its size.
 """
 
@@ -31,11 +32,26 @@ from pathlib import Path
 import numpy as np
 
 CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, threading, time
 from pathlib import Path
 import numpy as np
+import psutil
 mode, what, root, chip, workers, store = sys.argv[1:7]
 chip, workers = int(chip), int(workers)
+me = psutil.Process()
+peak = {"tree": 0, "self": 0}
+def pss(p):
+    try:
+        return p.memory_full_info().pss
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0
+def sample(stop):
+    while not stop.is_set():
+        own = pss(me)
+        tree = own + sum(pss(c) for c in me.children(recursive=True))
+        peak["tree"] = max(peak["tree"], tree)
+        peak["self"] = max(peak["self"], own)
+        stop.wait(0.2)
 import torch
 torch.set_num_threads(1)
 from rscir.encoders import load_encoder
@@ -45,7 +61,10 @@ from rscir.ingest.local import iter_decoded
 from rscir.ingest.scenes import ChipSpec, plan_chips
 from rscir.ingest.units import Source
 enc = load_encoder("rscir-tiny", device="cpu") if mode == "index" else None
-setup_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+setup = pss(me)
+stop = threading.Event()
+th = threading.Thread(target=sample, args=(stop,), daemon=True)
+th.start()
 t0 = time.perf_counter()
 if mode == "decode":
     entries, _ = scan_folder(root)
@@ -61,10 +80,11 @@ else:
     n = rep.embedded
     assert not rep.bad, rep.bad[:3]
 dt = time.perf_counter() - t0
-self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(json.dumps({"items": n, "seconds": dt, "rss_self_mb": self_kb / 1024,
-                  "rss_setup_mb": setup_kb / 1024, "rss_worker_mb": child_kb / 1024}))
+stop.set()
+th.join()
+hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM"))
+print(json.dumps({"items": n, "seconds": dt, "pss_setup_mb": setup / 2**20, "hwm_mb": hwm / 1024,
+                  "pss_self_mb": peak["self"] / 2**20, "pss_tree_mb": peak["tree"] / 2**20}))
 """
 
 
@@ -153,18 +173,17 @@ def main() -> None:
     for mode in a.modes.split(","):
         for what, root in (("scene", scene_dir), ("tiles", tiles)):
             r = run(mode, what, root, a.chip, a.workers, base / f"store-{mode}-{what}")
-            r.update(mode=mode, what=what, per_s=r["items"] / r["seconds"],
-                     rss_mb=r["rss_self_mb"] + r["rss_worker_mb"])
+            r.update(mode=mode, what=what, per_s=r["items"] / r["seconds"], rss_mb=r["pss_tree_mb"])
             rows.append(r)
             print(f"{mode:>6} {what:>6}: {r['items']:>6} items in {r['seconds']:7.1f}s = "
-                  f"{r['per_s']:7.1f} chips/s; peak RSS main {r['rss_self_mb']:5.0f} MiB "
-                  f"(after imports/model {r['rss_setup_mb']:4.0f}) + worker "
-                  f"{r['rss_worker_mb']:5.0f} MiB = {r['rss_mb']:5.0f} MiB", flush=True)
+                  f"{r['per_s']:7.1f} chips/s; peak memory (PSS) main {r['pss_self_mb']:5.0f} "
+                  f"MiB (after imports/model {r['pss_setup_mb']:4.0f}), main + workers "
+                  f"{r['pss_tree_mb']:5.0f} MiB; peak RSS main {r['hwm_mb']:5.0f} MiB", flush=True)
     for mode in a.modes.split(","):
         s = next(r for r in rows if r["mode"] == mode and r["what"] == "scene")
         t = next(r for r in rows if r["mode"] == mode and r["what"] == "tiles")
         print(f"{mode:>6} scene/tiles: throughput x{s['per_s'] / t['per_s']:.2f}, "
-              f"peak RSS x{s['rss_mb'] / t['rss_mb']:.2f} "
+              f"peak memory x{s['rss_mb'] / t['rss_mb']:.2f} "
               f"(scene {s['rss_mb']:.0f} MiB, {'under' if s['rss_mb'] < 2048 else 'OVER'} 2 GiB)")
 
 

@@ -277,3 +277,28 @@ def test_oversized_scene_names_chip_size(tmp_path: Path, tiny_encoder) -> None:
     rep = index_folder(arch, tmp_path / "c", tiny_encoder, num_workers=0, progress=False,
                        max_pixels=1_000_000, chip_size=512)
     assert (rep.chips, rep.embedded, rep.empty_chips) == (9, 4, 5) and not rep.bad
+
+
+def test_datetime_from_file_names_and_tags(tmp_path: Path, tiny_encoder) -> None:
+    from rscir.ingest.geo import FilenameTime, tag_datetime
+
+    ft = FilenameTime("%Y%m%dT%H%M%S")
+    assert ft.parse("T33UUP/S2A_MSIL2A_20230601T101559_N0509.tif") == "2023-06-01T10:15:59+00:00"
+    assert ft.parse("2023/no_time_here.tif") is None
+    assert FilenameTime("%Y-%j").parse("site/2021-032/x.tif") == "2021-02-01T00:00:00+00:00"
+    assert tag_datetime({"TIFFTAG_DATETIME": "2019:05:04 03:02:01"}) == "2019-05-04T03:02:01+00:00"
+    assert tag_datetime({"ACQUISITIONDATETIME": "2020-01-02T03:04:05+02:00",
+                         "TIFFTAG_DATETIME": "2019:05:04 03:02:01"}) == "2020-01-02T01:04:05+00:00"
+    with pytest.raises(InvalidArgumentError, match="no date field"):
+        _ = FilenameTime("scene").regex
+    arch = tmp_path / "arch"
+    rng = np.random.default_rng(3)
+    px = rng.integers(1, 255, (3, 40, 40)).astype(np.uint8)
+    write_geotiff(arch / "S2B_20220314T101010_a.tif", px, tags={"TIFFTAG_DATETIME":
+                                                                "2023:01:01 00:00:00"})
+    write_geotiff(arch / "plain.tif", px, tags={"TIFFTAG_DATETIME": "2023:01:01 00:00:00"})
+    index_folder(arch, tmp_path / "s", tiny_encoder, num_workers=0, progress=False,
+                 datetime_from="%Y%m%dT%H%M%S")
+    got = DirectoryStore.open(tmp_path / "s").items.set_index("path")["datetime"]
+    assert got["S2B_20220314T101010_a.tif"] == pd.Timestamp("2022-03-14T10:10:10Z")  # name wins
+    assert got["plain.tif"] == pd.Timestamp("2023-01-01T00:00:00Z")  # else the tag
