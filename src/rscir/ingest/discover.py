@@ -38,7 +38,8 @@ def discover(path: str | os.PathLike[str], kind: str, read: RasterRead, *, asset
     if kind not in ARCHIVE_KINDS:
         raise InvalidArgumentError(f"--archive must be one of {', '.join(ARCHIVE_KINDS)}")
     if not p.exists():
-        raise PathNotFoundError(f"archive not found: {p}")
+        raise PathNotFoundError(f"archive folder not found: {p} (give a folder of images or "
+                                "scenes, a BigEarthNet folder, or a STAC file)")
     p = p.resolve()
     if kind == "stac" or (kind == "auto" and p.is_file() and stac.is_stac_file(p)):
         if not p.is_file():

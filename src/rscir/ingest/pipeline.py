@@ -80,7 +80,7 @@ class IndexReport:
         return asdict(self)
 
     def summary(self) -> str:
-        chips = (f"; {self.chips} chips of {self.scenes} scenes, {self.empty_chips} empty chips "
+        chips = (f"; {self.chips} chips of {self.scenes} scene(s), {self.empty_chips} empty chips "
                  "skipped" if self.scenes or self.empty_chips else "")
         lines = [
             f"indexed {self.embedded} new/changed items in {self.seconds:.1f}s "
