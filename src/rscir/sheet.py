@@ -26,12 +26,13 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
             return ImageFont.load_default()
 
 
-def _thumb(path: Path, size: int) -> Image.Image:
-    from .ingest.images import ImageDecodeError, load_image
+def _thumb(store: EmbeddingStore, rel: str, size: int) -> Image.Image:
+    """An item's thumbnail (a chip as the chip, not its scene); grey when it has no image."""
+    from .ingest.render import item_image
 
     try:
-        im, _ = load_image(path)
-    except ImageDecodeError:
+        im = item_image(store, rel)
+    except (ValueError, OSError):  # undecodable, missing (imported items), outside the root
         im = Image.new("RGB", (size, size), (90, 90, 90))
     im = im.copy()
     im.thumbnail((size, size))
@@ -73,13 +74,9 @@ def contact_sheet(
         dec = score_decimals([h.score for h in res.hits], lo=3)  # WeiCom scores crowd near 1
         for hi, hit in enumerate(res.hits):
             x = left_w + hi * (thumb + pad)
-            try:
-                p = store.resolve_path(hit.path)
-                t = _thumb(p, thumb)
-            except (ValueError, OSError):
-                t = Image.new("RGB", (thumb, thumb), (90, 90, 90))
-            sheet.paste(t, (x, y))
-            draw.text((x, y + thumb + 2), f"#{hit.rank}  {hit.score:.{dec}f}", fill=(0, 0, 0), font=f_small)
+            sheet.paste(_thumb(store, hit.path, thumb), (x, y))
+            draw.text((x, y + thumb + 2), f"#{hit.rank}  {hit.score:.{dec}f}", fill=(0, 0, 0),
+                      font=f_small)
             if hit.label:
                 draw.text((x, y + thumb + 15), str(hit.label)[:22], fill=(80, 80, 80), font=f_small)
     out = Path(out)

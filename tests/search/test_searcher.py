@@ -116,7 +116,8 @@ def test_search_end_to_end(tmp_path: Path, image_folder: Path, tiny_encoder) -> 
     assert len(res.hits) == 5 and res.query_id is not None
     assert "beach/beach01.jpg" not in [h.path for h in res.hits]
     assert [h.rank for h in res.hits] == [1, 2, 3, 4, 5]
-    assert res.to_frame().shape == (5, 5)
+    frame = res.to_frame()
+    assert frame.shape == (5, 17) and list(frame.columns[:5]) == ["rank", "id", "path", "score", "label"]
     by_id = s.search(item_id=res.query_id, k=5, exclude_query=False, method="image")
     # a random tiny model maps similar images close together: the query is among the exact ties
     top = [h.path for h in by_id.hits if h.score >= by_id.hits[0].score - 1e-6]

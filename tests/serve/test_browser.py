@@ -635,8 +635,13 @@ def test_draw_an_area_on_the_map(offline, geo) -> None:
     hits = grid(pg)
     assert [(c["id"], c["score"]) for c in hits] == api_hits(url, req)[0]
     inside = hit_positions(pg)
-    assert inside and all(bbox[0] <= lo <= bbox[2] and bbox[1] <= la <= bbox[3]
-                          for lo, la in inside.values())
+    # every hit's footprint intersects the drawn area (its centre may lie just outside)
+    from shapely.geometry import box, shape
+
+    area = box(*bbox)
+    served = httpx.post(url + "/search", json=req, timeout=30).json()["results"][0]["hits"]
+    assert served and all(area.intersects(shape(h["footprint"])) for h in served)
+    assert set(inside) == {h["id"] for h in served}
     assert len(inside) < len(everywhere)  # the area excluded some hits
     assert url_state(pg)["bbox"] == ",".join(str(x) for x in bbox)
     assert "Area:" in pg.text_content("#area-info")

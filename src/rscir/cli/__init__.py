@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 from .._version import __version__
 from ..errors import RscirError
-from . import ann, bench, core, serve, store, train
+from . import ann, bench, core, imports, serve, store, train
 
-COMMAND_MODULES = (core, store, bench, train, ann, serve)
+COMMAND_MODULES = (core, imports, store, bench, train, ann, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

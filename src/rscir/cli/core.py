@@ -10,6 +10,8 @@ from typing import Any
 
 from ..errors import InvalidArgumentError, PathNotFoundError
 
+PRESET_NAMES = ("sentinel2-l2a", "sentinel2-l1c", "landsat-c2l2", "naip")  # ingest.sensors
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
@@ -32,8 +34,10 @@ def parse_lams(spec: str) -> list[float]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("index", help="index (or resume indexing) a folder of images into a store")
-    p.add_argument("folder", help="archive folder (searched recursively)")
+    p = sub.add_parser("index", help="index (or resume indexing) an archive into a store")
+    p.add_argument("folder", metavar="PATH",
+                   help="archive: a folder of images/scenes (searched recursively), a "
+                        "BigEarthNet-S2 folder (v1 or v2), or a STAC catalog/ItemCollection file")
     p.add_argument("--store", required=True,
                    help="store directory or postgresql://... URI (created if absent)")
     add_model_args(p)
@@ -51,6 +55,32 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run as a Ray Data pipeline (docs/ray.md): alone = RAY_ADDRESS or a "
                         "cluster started on this machine, else a local one; or local, auto, "
                         "HOST:PORT, ray://HOST:10001")
+    g = p.add_argument_group("scenes and chips (docs/geospatial.md)")
+    g.add_argument("--chip-size", type=int, metavar="N",
+                   help="cut every raster larger than N×N px into N×N chips, one item each "
+                        "(windowed reads: memory stays bounded whatever the scene size)")
+    g.add_argument("--stride", type=int, metavar="S", help="chip stride in pixels (default N)")
+    g.add_argument("--edge", choices=["pad", "drop"], default="pad",
+                   help="chips running past a scene's edge: pad with nodata (default) or drop")
+    g.add_argument("--min-valid", type=float, default=0.5, metavar="F",
+                   help="skip (and count) chips with less than this share of valid pixels")
+    g = p.add_argument_group("bands and sensors")
+    g.add_argument("--bands", help="bands of the RGB composite by number or name: 4,3,2 or "
+                   "B04,B03,B02 (STAC: asset keys or eo:bands names)")
+    g.add_argument("--sensor", choices=sorted(PRESET_NAMES),
+                   help="sensor preset: band names, 8-bit stretch and nodata")
+    g.add_argument("--stretch", metavar="LO,HI", help="8-bit stretch: raw values LO,HI (e.g. "
+                   "0,3000) or percentiles pLO,pHI per image (default p2,p98; uint8 as is)")
+    g.add_argument("--nodata", type=float, help="value of missing pixels (default: the file's)")
+    g = p.add_argument_group("archive kinds, time")
+    g.add_argument("--archive", choices=["auto", "folder", "bigearthnet", "stac"],
+                   default="auto", help="what PATH is (auto: detected)")
+    g.add_argument("--asset", help="STAC: the asset to index (default visual)")
+    g.add_argument("--bigearthnet-labels", type=int, choices=[19, 43], default=19,
+                   help="BigEarthNet: the 19-class (default) or v1's 43-class labels")
+    g.add_argument("--datetime-from", metavar="PATTERN",
+                   help="acquisition time from file names, a strftime pattern such as "
+                        "%%Y%%m%%dT%%H%%M%%S (else TIFF tags, STAC, BigEarthNet metadata)")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="composed search: query image + text modifier")
@@ -109,7 +139,10 @@ def cmd_index(a: argparse.Namespace) -> int:
         "labels": "csv" if a.labels_csv and a.labels == "none" else a.labels,
         "labels_csv": a.labels_csv, "dtype": a.dtype, "batch_size": a.batch_size,
         "segment_size": a.segment_size, "max_pixels": a.max_pixels,
-        "progress": not a.no_progress,
+        "progress": not a.no_progress, "chip_size": a.chip_size, "stride": a.stride,
+        "edge": a.edge, "min_valid": a.min_valid, "bands": a.bands, "sensor": a.sensor,
+        "stretch": a.stretch, "nodata": a.nodata, "datetime_from": a.datetime_from,
+        "archive": a.archive, "asset": a.asset, "bigearthnet_labels": a.bigearthnet_labels,
     }
     if a.ray is not None:
         from ..ingest.ray_data import index_folder_ray
@@ -238,15 +271,15 @@ def cmd_search(a: argparse.Namespace) -> int:
             from PIL import Image
 
             from ..ingest.images import load_image
+            from ..ingest.render import item_image
             from ..sheet import contact_sheet
 
             store = s.store
             query_img: Image.Image | None = None
             if a.image:
                 query_img, _ = load_image(a.image)
-            elif a.item_id is not None:
-                rel = str(store.items_for_ids([a.item_id])["path"].iloc[0])
-                query_img, _ = load_image(store.resolve_path(rel))
+            elif a.item_id is not None:  # a chip renders as the chip, not its scene
+                query_img = item_image(store, str(store.items_for_ids([a.item_id])["path"].iloc[0]))
             path = contact_sheet(store, results, query_img, a.sheet)
             print(f"contact sheet written to {path}", file=sys.stderr)
     return 0

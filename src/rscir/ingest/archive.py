@@ -1,9 +1,9 @@
-"""The archive as files: the walk, resuming (what is new or changed), and labels per file."""
+"""The archive as files: the walk, resuming (what is new or changed), labels, item records."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,9 @@ import pandas as pd
 
 from ..errors import InvalidArgumentError, PathNotFoundError
 from ..stores.base import EmbeddingStore
-from .images import IMAGE_EXTS, ImageMeta
+from .geo import FilenameTime
+from .images import IMAGE_EXTS
+from .units import ImageMeta, Source
 
 LabelMap = dict[str, tuple[str | None, list[str]]]
 
@@ -73,37 +75,69 @@ def read_label_csv(path: str | os.PathLike[str]) -> LabelMap:
     return out
 
 
+def changed_mask(store: EmbeddingStore, paths: list[str], sizes: np.ndarray,
+                 mtimes: np.ndarray) -> np.ndarray:
+    """True for each (path, size, mtime) that is not already in the store as it is."""
+    if not paths or len(store) == 0:
+        return np.ones(len(paths), bool)
+    cur = pd.DataFrame({"path": paths, "size": np.asarray(sizes, np.int64),
+                        "mtime_ns": np.asarray(mtimes, np.int64)})
+    have = store.files().drop_duplicates("path")
+    merged = cur.merge(have, on=["path", "size", "mtime_ns"], how="left", indicator=True)
+    return (merged["_merge"] == "left_only").to_numpy()
+
+
 def changed_entries(store: EmbeddingStore, entries: list[FileEntry]) -> list[FileEntry]:
     """Entries whose (path, size, mtime) is not already in the store."""
-    if not entries or len(store) == 0:
-        return list(entries)
-    cur = pd.DataFrame([asdict(e) for e in entries])
-    have = store.files()
-    merged = cur.merge(have, on=["path", "size", "mtime_ns"], how="left", indicator=True)
-    keep = (merged["_merge"] == "left_only").to_numpy()
+    keep = changed_mask(store, [e.path for e in entries],
+                        np.array([e.size for e in entries], np.int64),
+                        np.array([e.mtime_ns for e in entries], np.int64))
     return [e for e, k in zip(entries, keep, strict=True) if k]
 
 
 def item_record(
-    e: FileEntry,
+    path: str,
+    source: Source,
     meta: ImageMeta | None,
     labels: str,
     label_map: LabelMap | None,
+    datetime_from: FilenameTime | None = None,
 ) -> dict[str, Any]:
+    """One item's metadata: the unit's path, its source file's size and mtime (what resuming
+    compares), labels, and where/when: what the archive states (``source.extra``: labels,
+    datetime) wins over a ``--datetime-from`` file-name time, which wins over what decoding
+    read in the file; a footprint the archive states is used where the raster has none."""
     label: str | None = None
     label_list: list[str] = []
     if labels == "folder":
-        parent = Path(e.path).parent.name
+        parent = Path(source.path).parent.name if "://" not in source.path else ""
         label = parent or None
         label_list = [label] if label else []
     if label_map is not None:
-        hit = label_map.get(e.path) or label_map.get(Path(e.path).name)
+        hit = (label_map.get(path) or label_map.get(source.path)
+               or label_map.get(Path(source.path).name))
         if hit is not None:
             csv_label, csv_labels = hit
             label = csv_label or label
             label_list = csv_labels or label_list
     m = meta or ImageMeta(-1, -1)
-    return {
-        "path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "width": m.width,
+    dt = m.datetime
+    if datetime_from is not None:
+        dt = datetime_from.parse(source.path) or dt
+    rec = {
+        "path": path, "size": source.size, "mtime_ns": source.mtime_ns, "width": m.width,
         "height": m.height, "label": label, "labels": label_list, "lon": m.lon, "lat": m.lat,
+        "datetime": dt, "crs": m.crs, "footprint": m.footprint,
+        "footprint_native": m.footprint_native,
     }
+    for k, v in source.extra.items():
+        if k in GEO_FALLBACK:  # the raster's own footprint (a chip's) is more precise
+            cur = rec.get(k)
+            if cur is None or (isinstance(cur, float) and cur != cur):  # None or NaN
+                rec[k] = v
+        else:
+            rec[k] = v
+    return rec
+
+
+GEO_FALLBACK = frozenset({"lon", "lat", "crs", "footprint", "footprint_native"})

@@ -1,6 +1,6 @@
 """`rscir index --ray`: the local ingestion path as a Ray Data pipeline over many machines/GPUs.
 
-    list files (driver) ─► decode + preprocess (CPU tasks) ─► embed (actor pool, 1 GPU each)
+    plan units (driver) ─► decode + preprocess (CPU tasks) ─► embed (actor pool, 1 GPU each)
                         ─► driver commits segments with ``store.add`` (one writer, atomic)
 
 Why this shape:
@@ -38,9 +38,11 @@ from ..encoders.registry import ModelRegistry
 from ..errors import InvalidArgumentError, MissingDependencyError, ModelMismatchError, StoreError
 from ..stores.base import EmbeddingStore
 from ..stores.uri import existing_model
-from .archive import FileEntry
-from .images import ImageDecodeError, ImageMeta, load_image
+from .images import ImageDecodeError, decode_unit
 from .pipeline import Driver, EmbeddedBatch, IndexReport, IngestOptions, run_index
+from .rasters import RasterCache
+from .sensors import RasterRead
+from .units import ImageMeta, UnitTask, WorkPlan
 
 log = logging.getLogger(__name__)
 
@@ -99,28 +101,54 @@ def _decode_batch(
     max_pixels: int,
     shape: tuple[int, ...],
     dtype: str,
+    read: RasterRead | None = None,
 ) -> dict[str, np.ndarray]:
-    """Decode + preprocess one block of files; failures become an ``error`` string per row."""
+    """Decode + preprocess one block of units; failures become an ``error`` string per row,
+    chips skipped as empty an ``empty`` flag."""
     n = len(batch["idx"])
     pixels = np.zeros((n, *shape), dtype=dtype)
     width = np.full(n, -1, np.int64)
     height = np.full(n, -1, np.int64)
     lon = np.full(n, np.nan)
     lat = np.full(n, np.nan)
+    crs = [""] * n
+    foot: list[bytes] = [b""] * n
+    foot_native: list[bytes] = [b""] * n
+    when = [""] * n
+    empty = np.zeros(n, bool)
     error = [""] * n
-    for j, rel in enumerate(batch["path"]):  # one file at a time is inherent to decoding
-        try:
-            img, meta = load_image(Path(root) / str(rel), max_pixels)
-            x = preprocess(img)
-            pixels[j] = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
-            width[j], height[j], lon[j], lat[j] = meta.width, meta.height, meta.lon, meta.lat
-        except ImageDecodeError as e:
-            error[j] = str(e) or "undecodable"
-        except Exception as e:  # noqa: BLE001 - a worker must never die on one file
-            error[j] = f"{type(e).__name__}: {e}"
+    cache = RasterCache(max_pixels=max_pixels)
+    rd = read or RasterRead()
+    win = np.stack([np.asarray(batch[k], np.int64) for k in ("c", "r", "w", "h")], axis=1)
+    try:
+        for j, files in enumerate(batch["files"]):  # one unit at a time is inherent to decoding
+            try:
+                w = win[j]
+                task = UnitTask(tuple(str(files).split("\n")),
+                                None if w[2] < 0 else (int(w[0]), int(w[1]), int(w[2]),
+                                                       int(w[3])), bool(batch["stacked"][j]))
+                img, meta, _ = decode_unit(Path(root), task, rd, cache, max_pixels)
+                width[j], height[j], lon[j], lat[j] = meta.width, meta.height, meta.lon, meta.lat
+                crs[j], when[j] = meta.crs or "", meta.datetime or ""
+                foot[j], foot_native[j] = meta.footprint or b"", meta.footprint_native or b""
+                if img is None:
+                    empty[j] = True
+                    continue
+                x = preprocess(img)
+                pixels[j] = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+            except ImageDecodeError as e:
+                error[j] = str(e) or "undecodable"
+            except Exception as e:  # noqa: BLE001 - a worker must never die on one file
+                error[j] = f"{type(e).__name__}: {e}"
+    finally:
+        cache.close()
     return {
         "idx": np.asarray(batch["idx"], np.int64), "pixels": pixels, "width": width,
-        "height": height, "lon": lon, "lat": lat, "error": np.array(error, dtype=object),
+        "height": height, "lon": lon, "lat": lat, "crs": np.array(crs, dtype=object),
+        "footprint": np.array(foot, dtype=object),
+        "footprint_native": np.array(foot_native, dtype=object),
+        "datetime": np.array(when, dtype=object), "empty": empty,
+        "error": np.array(error, dtype=object),
     }
 
 
@@ -143,7 +171,7 @@ class _EmbedActor:
         self.dim = self.encoder.dim
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.asarray(batch["error"]).astype(str) == ""
+        ok = (np.asarray(batch["error"]).astype(str) == "") & ~np.asarray(batch["empty"], bool)
         emb = np.zeros((len(ok), self.dim), np.float32)
         if ok.any():
             px = np.ascontiguousarray(batch["pixels"][ok])
@@ -290,7 +318,7 @@ class RayDriver(Driver):
             self._probe = ray.get(ray.remote(num_cpus=1)(_probe).remote(self.spec))
             yield self._probe.info
 
-    def embed(self, root: Path, todo: list[FileEntry], opts: IngestOptions,
+    def embed(self, root: Path, plan: WorkPlan, read: RasterRead, opts: IngestOptions,
               ) -> Iterator[EmbeddedBatch]:
         import pyarrow as pa
         import ray
@@ -301,12 +329,16 @@ class RayDriver(Driver):
         resources = ray.cluster_resources()
         place = plan_placement(resources, device=self.device, num_encoders=self.num_encoders,
                                cpus_per_encoder=self.cpus_per_encoder)
-        log.info("ray ingest: %d files, %d encoder(s) on %s", len(todo), place.encoders,
+        log.info("ray ingest: %d units, %d encoder(s) on %s", len(plan), place.encoders,
                  place.device)
-        n = len(todo)
+        n = len(plan)
         item_bytes = int(np.prod(probe.shape)) * np.dtype(probe.dtype).itemsize
         rows = _block_rows(n, int(resources.get("CPU", 1)), item_bytes)
-        table = pa.table({"idx": np.arange(n, dtype=np.int64), "path": [e.path for e in todo]})
+        files = np.array(["\n".join(s.band_files) for s in plan.sources], dtype=object)
+        stacked = np.array([bool(s.files) for s in plan.sources], bool)
+        table = pa.table({"idx": np.arange(n, dtype=np.int64), "files": files[plan.src],
+                          "c": plan.win[:, 0], "r": plan.win[:, 1], "w": plan.win[:, 2],
+                          "h": plan.win[:, 3], "stacked": stacked[plan.src]})
         blocks = [table.slice(s, rows) for s in range(0, n, rows)]
         # A decode worker holds torch (for the model's preprocessing), its block's pixels and
         # one decoded full-size RGB image. Saying so is a scheduling hint, and it also keeps
@@ -322,7 +354,7 @@ class RayDriver(Driver):
                     batch_format="numpy",
                     fn_kwargs={"root": str(root), "preprocess": probe.preprocess,
                                "max_pixels": opts.max_pixels, "shape": probe.shape,
-                               "dtype": probe.dtype},
+                               "dtype": probe.dtype, "read": read},
                 )
                 .map_batches(
                     _EmbedActor, batch_size=opts.batch_size, batch_format="numpy",
@@ -338,13 +370,18 @@ class RayDriver(Driver):
             )
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 err = np.asarray(batch["error"]).astype(str)
-                meta = [ImageMeta(int(a), int(b), float(c), float(d)) for a, b, c, d in zip(
-                    batch["width"], batch["height"], batch["lon"], batch["lat"], strict=True)]
+                meta = [ImageMeta(int(a), int(b), float(c), float(d), str(k) or None,
+                                  bytes(f) or None, bytes(g) or None, str(t) or None)
+                        for a, b, c, d, k, f, g, t in zip(
+                            batch["width"], batch["height"], batch["lon"], batch["lat"],
+                            batch["crs"], batch["footprint"], batch["footprint_native"],
+                            batch["datetime"], strict=True)]
                 yield EmbeddedBatch(
                     idx=np.asarray(batch["idx"], np.int64),
                     embeddings=np.asarray(batch["emb"], np.float32),
                     meta=[m if e == "" else None for m, e in zip(meta, err, strict=True)],
                     errors=[None if e == "" else str(e) for e in err],
+                    empty=np.asarray(batch["empty"], bool),
                 )
 
 

@@ -348,7 +348,9 @@ class _Api:
     def thumbnail(self, item_id: int, size: int) -> bytes:
         from PIL import Image
 
-        from ..ingest.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+        from ..errors import PathNotFoundError
+        from ..ingest.images import DEFAULT_MAX_PIXELS, ImageDecodeError
+        from ..ingest.render import item_image
 
         key = (item_id, size)
         hit = self.thumbs.get(key)
@@ -359,17 +361,16 @@ class _Api:
         except UnknownItemError:
             raise HTTPException(404, f"no item with id {item_id}") from None
         try:
-            path = self.store.resolve_path(rel)
+            # archive files were accepted at ingestion: the ingestion cap, not the upload cap;
+            # a chip renders as the chip, a patch as its RGB band stack
+            img = item_image(self.store, rel, DEFAULT_MAX_PIXELS)
+        except PathNotFoundError:  # no file in the archive (e.g. imported embeddings)
+            raise HTTPException(404, "the item's file is missing from the archive") from None
+        except ImageDecodeError as e:
+            raise HTTPException(422, f"the item's file cannot be decoded: {e}") from None
         except ValueError:
             log.warning("refused item %s: its path %r leaves the archive root", item_id, rel)
             raise HTTPException(404, "the item's file is not inside the archive") from None
-        if not path.is_file():
-            raise HTTPException(404, "the item's file is missing from the archive")
-        try:
-            # archive files were accepted at ingestion: the ingestion cap, not the upload cap
-            img, _ = load_image(path, DEFAULT_MAX_PIXELS)
-        except ImageDecodeError as e:
-            raise HTTPException(422, f"the item's file cannot be decoded: {e}") from None
         img.thumbnail((size, size), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)

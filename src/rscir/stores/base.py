@@ -113,8 +113,13 @@ class EmbeddingStore(ABC):
                 "given; use the same model or a new store")
 
     def resolve_path(self, rel: str) -> Path:
-        """Absolute path of an item's file, refusing anything outside the archive root."""
+        """Absolute path of an item's file, refusing anything outside the archive root. A chip
+        (``scene.tif#window=COL,ROW,W,H``, :mod:`rscir.ingest.units`) resolves to its scene,
+        a multi-asset STAC item (``b04.tif#item=ID``) to its first band file."""
         root = Path(self.root).resolve()
+        head, sep, frag = rel.partition("#")
+        if sep and frag.startswith(("window=", "item=")):
+            rel = head
         p = (root / rel).resolve()
         if p != root and root not in p.parents:
             raise InvalidArgumentError(f"path {rel!r} is outside the archive root")
