@@ -19,6 +19,7 @@ import torch
 
 from ..errors import ModelMismatchError, ModelUnavailableError
 from .base import Encoder, ModelInfo, fingerprint_file
+from .text_cache import TextEmbeddingCache
 
 HF_HOST = "huggingface.co"
 
@@ -209,6 +210,8 @@ class OpenClipEncoder(Encoder):
                 "transform": repr(preprocess).replace("\n", " "),
             },
         )
+        self.text_cache = TextEmbeddingCache.for_model(
+            self.info, variant=f"{self.device.type}:{self.precision}")
 
     @staticmethod
     def _weights_path(name: str, arch: str, s: OpenClipSource) -> tuple[str | None, str]:
@@ -263,8 +266,20 @@ class OpenClipEncoder(Encoder):
         f = torch.nn.functional.normalize(f.float(), dim=-1)
         return f.cpu().numpy().astype(np.float32, copy=False)
 
-    @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings of texts, through the persistent per-model cache of :mod:`.text_cache`."""
+        texts = [str(t) for t in texts]
+        if self.text_cache is None:
+            return self.embed_texts(texts)
+        return self.text_cache.encode(texts, self.embed_texts)
+
+    def warm_up(self) -> None:
+        self.embed_texts(["warm-up"])
+        super().warm_up()
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Run the text tower (no cache)."""
         texts = list(texts)
         out = []
         for i in range(0, len(texts), self.batch_size):

@@ -11,9 +11,12 @@ import logging
 import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import uvicorn
+from ..errors import missing_dependency
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("rscir.serve")
 
@@ -55,6 +58,10 @@ def make_server(app: Any, sock: socket.socket, *, graceful_s: int = 10,
     """A uvicorn server for ``app`` on ``sock``: our access log replaces uvicorn's; on SIGINT or
     SIGTERM it stops accepting, lets running requests finish (up to ``graceful_s``), then runs
     the app's shutdown (which closes the store)."""
+    try:
+        import uvicorn
+    except ModuleNotFoundError as e:
+        raise missing_dependency("uvicorn", "serve", "serving over HTTP") from e
     host, port = sock.getsockname()[:2]
     cfg = uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None,
                          log_level=log_level, timeout_graceful_shutdown=graceful_s,
