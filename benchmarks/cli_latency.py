@@ -13,7 +13,9 @@ compare the ratios. Cases:
 * image-only search with an image from outside the archive (the image tower runs);
 
 then the breakdown of one cold text search and one outside-image search inside a single
-process: imports, opening the store and model, encoding the query, searching, output.
+process: imports, opening the store and model, encoding the query, searching, output; and
+``rscir serve``: seconds until it prints its address, then the first and the second text query
+(a new text each, over HTTP).
 
     python benchmarks/cli_latency.py                       # indexes ../shared/data/ucm16 once
     python benchmarks/cli_latency.py --store runs/ucm.rscir --repeat 5
@@ -94,6 +96,40 @@ def timed(label: str, cmd: list[str], env: dict[str, str], repeat: int,
             "max": max(walls)}
 
 
+def serve_latency(cli: list[str], store: str, env: dict[str, str]) -> dict[str, float]:
+    """Start ``rscir serve``, wait for its address line, time two text queries."""
+    import re
+    import urllib.request
+
+    t0 = time.perf_counter()
+    p = subprocess.Popen([*cli, "serve", store, "--port", "0"], env=env, text=True,
+                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    try:
+        assert p.stderr is not None
+        url = None
+        for line in p.stderr:
+            m = re.search(r"(http://\S+?)/ ", line)
+            if m:
+                url = m.group(1)
+                break
+        if url is None:
+            raise SystemExit("rscir serve did not print its address")
+        out = {"start (address printed)": time.perf_counter() - t0}
+        for name, text in (("first text query", "a harbor with many boats"),
+                           ("second text query", "a dense residential area")):
+            body = json.dumps({"item_id": 3, "texts": [text], "k": 20}).encode()
+            req = urllib.request.Request(url + "/search", data=body,
+                                         headers={"Content-Type": "application/json"})
+            t = time.perf_counter()
+            with urllib.request.urlopen(req, timeout=300) as r:
+                r.read()
+            out[name] = time.perf_counter() - t
+        return out
+    finally:
+        p.terminate()
+        p.wait(timeout=60)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,6 +139,7 @@ def main() -> int:
     ap.add_argument("--text", default="with boats")
     ap.add_argument("--item-id", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-serve", action="store_true", help="skip the rscir serve timing")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
 
@@ -149,6 +186,8 @@ def main() -> int:
         "outside image only": json.loads(run(
             [py, "-c", BREAKDOWN, store, a.text, str(a.item_id), str(outside)], env)[1]),
     }
+    empty_cache()
+    served = serve_latency(cli, store, cold_env) if not a.no_serve else {}
     shutil.rmtree(work, ignore_errors=True)
 
     torch_s = float(rows[0]["median"])
@@ -163,8 +202,13 @@ def main() -> int:
         print(f"\n# breakdown, one process: {name} (torch imported: {d.pop('torch imported')})")
         for k, v in d.items():
             print(f"  {k:<22} {v:6.2f} s")
+    if served:
+        print("\n# rscir serve (text never seen before, empty cache)")
+        for k, v in served.items():
+            print(f"  {k:<24} {v:6.2f} s")
     if a.json:
-        Path(a.json).write_text(json.dumps({"rows": rows, "breakdown": parts}, indent=1))
+        Path(a.json).write_text(json.dumps({"rows": rows, "breakdown": parts, "serve": served},
+                                           indent=1))
     return 0
 
 

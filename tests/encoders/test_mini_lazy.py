@@ -108,3 +108,29 @@ def test_warm_up_loads_both_towers(tmp_path: Path) -> None:
     cnn = MiniEncoder(path, device="cpu")
     cnn.warm_up()
     assert cnn._tower is not None and cnn.text._model is not None
+
+
+def test_descriptor_weights_that_do_not_fit(tmp_path: Path) -> None:
+    """The metadata opens the model; weights that do not fit fail on the first image with
+    ModelMismatchError (the numpy tower checks what torch's strict loading checked)."""
+    from safetensors.numpy import load_file, save_file
+
+    from rscir.errors import ModelMismatchError
+
+    w = packaged_weights()
+    assert w is not None
+    from safetensors import safe_open
+
+    with safe_open(str(w), "np") as f:
+        meta = dict(f.metadata())
+    sd = load_file(str(w))
+    img = [np.full((40, 40, 3), 100, np.uint8)]
+    for name, broken in [
+        ("missing", {k: v for k, v in sd.items() if k != "net.net.6.weight"}),
+        ("shape", {**sd, "net.net.3.weight": np.ascontiguousarray(sd["net.net.3.weight"][:, :9])}),
+    ]:
+        path = tmp_path / f"{name}.safetensors"
+        save_file(broken, str(path), metadata=meta)
+        enc = MiniEncoder(path, device="cpu")
+        with pytest.raises(ModelMismatchError, match="do not fit"):
+            enc.encode_images(img)

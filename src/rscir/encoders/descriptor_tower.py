@@ -53,7 +53,9 @@ class DescriptorFeatures:
 class NumpyDescriptorMLP:
     """``(x - mean) / std``, then Linear-GELU-Linear-GELU-Linear, then L2 normalization."""
 
-    def __init__(self, weights: str | os.PathLike[str]) -> None:
+    def __init__(self, weights: str | os.PathLike[str], embed_dim: int | None = None) -> None:
+        """Read the weights (KeyError for a missing tensor, ValueError for shapes that do not
+        chain or do not end in ``embed_dim``)."""
         from safetensors.numpy import load_file
         from scipy.special import erf
 
@@ -63,6 +65,13 @@ class NumpyDescriptorMLP:
         self.std = sd[PREFIX + "std"].astype(np.float32)
         self.layers = [(np.ascontiguousarray(sd[f"{PREFIX}net.{i}.weight"].T, np.float32),
                         sd[f"{PREFIX}net.{i}.bias"].astype(np.float32)) for i in (0, 3, 6)]
+        width = self.mean.shape[0]
+        for w, b in self.layers:
+            if self.std.shape != self.mean.shape or w.shape[0] != width or b.shape != w.shape[1:]:
+                raise ValueError(f"layer shapes do not chain: {w.shape} after width {width}")
+            width = w.shape[1]
+        if embed_dim is not None and width != embed_dim:
+            raise ValueError(f"the tower embeds in {width} dimensions, not {embed_dim}")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         h = (np.asarray(x, np.float32) - self.mean) / self.std

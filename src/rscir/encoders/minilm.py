@@ -13,6 +13,7 @@ against sentence-transformers' to 1e-6.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -140,6 +141,7 @@ class MiniLMText:
         self._model: NumpyBert | None = None
         self._tokenizer: Any = None
         self._blas: Any = None
+        self._lock = threading.Lock()
 
     @staticmethod
     def model_path() -> str:
@@ -162,7 +164,12 @@ class MiniLMText:
         return f"{cls.package}=={version(cls.package)}:{size}"
 
     def load(self) -> MiniLMText:
-        """Read the tokenizer and weights (once); returns self."""
+        """Read the tokenizer and weights (once, also when threads ask together); returns self."""
+        with self._lock:
+            self._load_unlocked()
+        return self
+
+    def _load_unlocked(self) -> None:
         if self._model is None:
             from safetensors.numpy import load_file
             from tokenizers import Tokenizer
@@ -183,7 +190,6 @@ class MiniLMText:
             tok.no_padding()  # pad per batch to its longest text, as sentence-transformers
             tok.enable_truncation(min(self.max_seq_length, model.max_positions))
             self._tokenizer, self._model = tok, model
-        return self
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """(T, 384) L2-normalized float32 embeddings, equal to sentence-transformers' output."""

@@ -242,12 +242,15 @@ def _filtered_stderr(drop: tuple[bytes, ...]) -> Iterator[None]:
         return
 
     def pump() -> None:
+        import re
+
         pending = b""
         with os.fdopen(r, "rb", buffering=0) as src:
             while chunk := src.read(65536):
-                lines = (pending + chunk).split(b"\n")
-                pending = lines.pop()
-                out = b"".join(x + b"\n" for x in lines if not any(d in x for d in drop))
+                # pieces end with "\n" or "\r" (progress bars redraw with "\r")
+                pieces = re.split(rb"(?<=[\r\n])", pending + chunk)
+                pending = pieces.pop()
+                out = b"".join(x for x in pieces if not any(d in x for d in drop))
                 if pending and not pending.startswith(b"["):  # not a C++ log line in progress
                     out, pending = out + pending, b""
                 if out:
