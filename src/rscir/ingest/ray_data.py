@@ -194,7 +194,8 @@ def _ray_session(address: str | None, init_kwargs: dict[str, Any] | None) -> Ite
 
     ``address``: None = RAY_ADDRESS, else the latest local cluster, else a new local instance;
     "auto" = an existing cluster only; "local" = always a new local instance; "host:port" or
-    "ray://host:10001" = that cluster.
+    "ray://host:10001" = that cluster. Ray's known-harmless noise is dropped meanwhile
+    (:func:`_quiet_ray`), so a successful run prints no line that looks like an error.
     """
     try:
         import ray
@@ -203,7 +204,8 @@ def _ray_session(address: str | None, init_kwargs: dict[str, Any] | None) -> Ite
             "--ray needs the Python package 'ray', which is not installed: "
             "pip install 'rscir[ray]'") from e
     if ray.is_initialized():
-        yield
+        with _quiet_ray():
+            yield
         return
     try:
         ray.init(address=address, logging_level=logging.WARNING, **(init_kwargs or {}))
@@ -211,9 +213,89 @@ def _ray_session(address: str | None, init_kwargs: dict[str, Any] | None) -> Ite
         raise StoreError(f"cannot start or reach a Ray cluster at {address or 'default'}: {e}; "
                          "check the address (docs/ray.md) or drop --ray") from e
     try:
-        yield
+        with _quiet_ray():
+            yield
     finally:
         ray.shutdown()
+
+
+# Lines Ray prints on every successful Ray Data run with an actor pool, at error level although
+# nothing is wrong: the driver's core worker warns that the pool's actors (max_restarts=-1)
+# get their constructor arguments from the object store (ray-project/ray#57733, open).
+RAY_BENIGN_STDERR = (b"has constructor arguments in the object store and max_restarts > 0",)
+
+
+@contextlib.contextmanager
+def _quiet_ray() -> Iterator[None]:
+    """Ray Data's console chatter to the log file only (its start/finish INFO lines and the
+    "progress bars disabled" warning; kept with ``-v``), and the benign core-worker lines of
+    :data:`RAY_BENIGN_STDERR` dropped from this process's stderr; everything else passes."""
+    import ray.data  # noqa: F401 - configures the "ray.data" logger whose console is quieted
+
+    data_log = logging.getLogger("ray.data")
+    consoles = [h for h in data_log.handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    old = [h.level for h in consoles]
+    if not verbose:
+        for h in consoles:
+            h.setLevel(max(h.level, logging.ERROR))
+    try:
+        with _filtered_stderr(RAY_BENIGN_STDERR if not verbose else ()):
+            yield
+    finally:
+        for h, level in zip(consoles, old, strict=True):
+            h.setLevel(level)
+
+
+@contextlib.contextmanager
+def _filtered_stderr(drop: tuple[bytes, ...]) -> Iterator[None]:
+    """Pass file descriptor 2 through a pipe that drops the lines containing one of ``drop``
+    (C++ code writes there directly, so Python's logging cannot filter it). Partial lines are
+    forwarded at once (progress bars); without ``drop``, or where pipes fail, nothing changes."""
+    import sys
+    import threading
+
+    if not drop:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        r, w = os.pipe()
+        os.dup2(w, 2)
+        os.close(w)
+    except (OSError, ValueError):  # no real fd 2 (embedded interpreters, some test runners)
+        yield
+        return
+
+    def pump() -> None:
+        import re
+
+        pending = b""
+        with os.fdopen(r, "rb", buffering=0) as src:
+            while chunk := src.read(65536):
+                # pieces end with "\n" or "\r" (progress bars redraw with "\r")
+                pieces = re.split(rb"(?<=[\r\n])", pending + chunk)
+                pending = pieces.pop()
+                out = b"".join(x for x in pieces if not any(d in x for d in drop))
+                if pending and not pending.startswith(b"["):  # not a C++ log line in progress
+                    out, pending = out + pending, b""
+                if out:
+                    os.write(saved, out)
+        if pending and not any(d in pending for d in drop):
+            os.write(saved, pending)
+
+    t = threading.Thread(target=pump, name="rscir-ray-stderr", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError, OSError):
+            sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the pump reads EOF and ends
+        t.join(timeout=5)
+        os.close(saved)
 
 
 @contextlib.contextmanager
@@ -225,10 +307,16 @@ def _data_context(preserve_order: bool, progress: bool) -> Iterator[None]:
     old = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
     ctx.execution_options.preserve_order = preserve_order
     ctx.enable_progress_bars = progress
+    quiet = hasattr(ctx, "print_on_execution_start")  # "Starting execution of Dataset ..."
+    old_print = getattr(ctx, "print_on_execution_start", None)
+    if quiet and not logging.getLogger().isEnabledFor(logging.DEBUG):
+        ctx.print_on_execution_start = False
     try:
         yield
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = old
+        if quiet:
+            ctx.print_on_execution_start = old_print
 
 
 @dataclass(frozen=True)

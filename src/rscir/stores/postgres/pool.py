@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from ...errors import StoreError
+from ...errors import StoreError, missing_dependency
 from .uri import redact_uri
 from .wire import make_adapters
 
@@ -17,7 +17,7 @@ from .wire import make_adapters
 def db_errors(uri: str) -> Iterator[None]:
     """Database errors (connection lost, missing privileges, bad data) as :class:`StoreError`,
     which the CLI and the server report as clean messages."""
-    import psycopg
+    psycopg = _psycopg()
 
     try:
         yield
@@ -26,8 +26,16 @@ def db_errors(uri: str) -> Iterator[None]:
         raise StoreError(f"{redact_uri(uri)}: {msg}") from e
 
 
+def _psycopg() -> Any:
+    try:
+        import psycopg
+    except ModuleNotFoundError as e:
+        raise missing_dependency("psycopg", "pg", "a postgresql:// store") from e
+    return psycopg
+
+
 def connect(uri: str, conninfo: str) -> Any:
-    import psycopg
+    psycopg = _psycopg()
 
     try:
         return psycopg.connect(conninfo, autocommit=False, connect_timeout=10)
