@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from typing import Any
 
 from .core import add_model_args
 
@@ -48,6 +50,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def limit_blas_threads(workers: int) -> Any:
+    """Give each search thread ``cores // workers`` BLAS threads (at least one): the server's
+    concurrency comes from its search threads, and BLAS's default of one thread per core in
+    each of them oversubscribes the cores (on 2 cores, 8 searches at once ran 16 BLAS threads
+    and each query cost 3x the CPU). Returns the threadpoolctl limiter (kept for the process)."""
+    from threadpoolctl import threadpool_limits
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return threadpool_limits(max(1, (cores or 1) // workers), user_api="blas")
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from ..serve import ServeConfig, create_app
     from ..serve.server import bind_socket, is_loopback, make_server, url_of
@@ -72,6 +85,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             print(f"rscir serve: warning: listening on {a.host}, not loopback: anyone who can "
                   "reach this address can search the archive and read its images",
                   file=sys.stderr)
+        limit_blas_threads(a.workers)
         app = create_app(a.source, cfg, model=a.model, arch=a.arch, checkpoint=a.checkpoint,
                          device=a.device)
         for name in ("rscir.serve", "uvicorn.error"):

@@ -26,7 +26,7 @@ from ..moments import ArchiveMoments
 from ..scoring import NEEDS_IMAGE, NEEDS_TEXT, QueryStats, check_lam, check_method, norm_cdf
 from ..stores.base import EmbeddingStore
 from ..stores.filters import ItemFilter
-from .results import Hit, SearchResult, build_hits
+from .results import META_COLUMNS, Hit, SearchResult, build_hits
 from .strategy import (
     ComposedQuery,
     MomentsCache,
@@ -334,7 +334,7 @@ class Searcher:
         ids = res.ids[offset:]
         if not len(ids):
             return []
-        meta = self.store.items_for_ids(ids)
+        meta = self.store.columns_for_ids(ids, META_COLUMNS)
         si = None if res.sim_image is None else res.sim_image[offset:]
         st = None if res.sim_text is None else res.sim_text[offset:]
         ni = nt = None
