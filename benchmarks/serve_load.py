@@ -189,37 +189,42 @@ async def load(url: str, reqs: list[dict], clients: int) -> tuple[np.ndarray, li
     return lat, out, errors, time.perf_counter() - t0
 
 
-def baseline(store_dir: Path, reqs: list[dict]) -> tuple[np.ndarray, list, float]:
-    """The same queries, in process, one at a time on one thread, through Searcher.search (hits
-    with metadata): latencies, hits (as JSON would carry them) and CPU seconds per call."""
-    import orjson
-    import torch
-    from threadpoolctl import threadpool_limits
+class InProcess:
+    """The baseline: the same queries, in this process, one at a time on one thread (one BLAS
+    thread), through Searcher.search (hits with metadata)."""
 
-    from rscir.encoders import load_encoder
-    from rscir.search import Searcher
-    from rscir.stores import DirectoryStore
+    def __init__(self, store_dir: Path, warm: dict) -> None:
+        import torch
 
-    torch.set_num_threads(1)
-    s = Searcher(DirectoryStore.open(store_dir), load_encoder("rscir-tiny", device="cpu"))
+        from rscir.encoders import load_encoder
+        from rscir.search import Searcher
+        from rscir.stores import DirectoryStore
 
-    def one(q: dict) -> list:
-        return s.search(item_id=q["item_id"], text=q["texts"], method=q["method"], lam=q["lam"],
-                        k=q["k"]).hits
-
-    with threadpool_limits(1, user_api="blas"):
+        torch.set_num_threads(1)
+        self.searcher = Searcher(DirectoryStore.open(store_dir),
+                                 load_encoder("rscir-tiny", device="cpu"))
         for t in TEXTS:  # the text cache warm, as the server's is; the scan copy made
-            one({**reqs[0], "texts": [t]})
+            self.run([{**warm, "texts": [t]}])
+
+    def one(self, q: dict) -> list:
+        return self.searcher.search(item_id=q["item_id"], text=q["texts"], method=q["method"],
+                                    lam=q["lam"], k=q["k"]).hits
+
+    def run(self, reqs: list[dict]) -> tuple[np.ndarray, list, float]:
+        """Latencies (s), hits (as JSON carries them) and CPU seconds of these queries."""
+        import orjson
+        from threadpoolctl import threadpool_limits
+
         lat = np.zeros(len(reqs))
         hits = []
-        c0 = time.process_time()
-        for i, q in enumerate(reqs):
-            t0 = time.perf_counter()
-            hits.append(one(q))
-            lat[i] = time.perf_counter() - t0
-        cpu = (time.process_time() - c0) / len(reqs)
-    out = [orjson.loads(orjson.dumps([asdict(h) for h in hs])) for hs in hits]
-    return lat, out, cpu
+        with threadpool_limits(1, user_api="blas"):
+            c0 = time.process_time()
+            for i, q in enumerate(reqs):
+                t0 = time.perf_counter()
+                hits.append(self.one(q))
+                lat[i] = time.perf_counter() - t0
+            cpu = time.process_time() - c0
+        return lat, [orjson.loads(orjson.dumps([asdict(h) for h in hs])) for hs in hits], cpu
 
 
 def server_cpu(pid: int) -> float:
@@ -245,6 +250,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=8, help="server search threads")
     ap.add_argument("--images", type=int, default=16, help="real image files behind the items")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="load and baseline alternate over this many slices of the requests, "
+                         "so a change in the machine's other load hits both alike")
     a = ap.parse_args()
 
     load0 = os.getloadavg()
@@ -258,14 +266,25 @@ def main() -> int:
                  "method": "weicom", "lam": round(float(lam), 2), "k": a.k}
                 for t, lam in zip(rng.integers(0, len(TEXTS), a.requests),
                                   rng.uniform(0.05, 0.95, a.requests), strict=True)]
+        inproc = InProcess(store, reqs[0])
         proc, url = start_server(store, a.workers, base / "server.log")
+        lat, blat = np.zeros(a.requests), np.zeros(a.requests)
+        served: list = [None] * a.requests
+        ref: list = [None] * a.requests
+        errors, wall, cpu, ccpu, bcpu = 0, 0.0, 0.0, 0.0, 0.0
         try:
             warm = [{**reqs[0], "texts": [t]} for t in TEXTS]  # model + text cache warm
             asyncio.run(load(url, warm, 4))
             slat, sserved, serrors, _ = asyncio.run(load(url, reqs[: a.serial], 1))
-            cpu0, ccpu0 = server_cpu(proc.pid), time.process_time()
-            lat, served, errors, wall = asyncio.run(load(url, reqs, a.clients))
-            cpu, ccpu = server_cpu(proc.pid) - cpu0, time.process_time() - ccpu0
+            for part in np.array_split(np.arange(a.requests), a.rounds):
+                i0, i1 = int(part[0]), int(part[-1]) + 1
+                cpu0, ccpu0 = server_cpu(proc.pid), time.process_time()
+                lat[i0:i1], served[i0:i1], e, w = asyncio.run(load(url, reqs[i0:i1], a.clients))
+                cpu += server_cpu(proc.pid) - cpu0
+                ccpu += time.process_time() - ccpu0
+                errors, wall = errors + e, wall + w
+                blat[i0:i1], ref[i0:i1], c = inproc.run(reqs[i0:i1])
+                bcpu += c
         finally:
             proc.terminate()
             try:
@@ -273,7 +292,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         logged = sum(" POST /search " in line for line in (base / "server.log").open())
-        blat, ref, bcpu = baseline(store, reqs)
+        bcpu /= a.requests
 
     errors += serrors
     mismatched = sum(s is not None and s != r for s, r in zip(served, ref, strict=True))
@@ -283,7 +302,8 @@ def main() -> int:
           f"differing from in-process (every hit field), {logged} requests in the access log")
     print(f"serial : 1 client, {a.serial} searches: latency p50 {ms(slat, 50):.1f} ms  "
           f"p95 {ms(slat, 95):.1f} ms")
-    print(f"load   : {a.clients} clients, {a.requests} searches, {a.workers} server threads: "
+    print(f"load   : {a.clients} clients, {a.requests} searches in {a.rounds} rounds, "
+          f"{a.workers} server threads: "
           f"latency p50 {ms(lat, 50):.1f} ms  p95 {ms(lat, 95):.1f} ms  "
           f"max {lat.max() * 1e3:.1f} ms; throughput {tput:.0f} searches/s ({wall:.1f}s)")
     print(f"         CPU per search: server {cpu / a.requests * 1e3:.2f} ms, load generator "
