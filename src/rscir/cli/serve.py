@@ -53,8 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def limit_blas_threads(workers: int) -> Any:
     """Give each search thread ``cores // workers`` BLAS threads (at least one): the server's
     concurrency comes from its search threads, and BLAS's default of one thread per core in
-    each of them oversubscribes the cores (on 2 cores, 8 searches at once ran 16 BLAS threads
-    and each query cost 3x the CPU). Returns the threadpoolctl limiter (kept for the process)."""
+    each of them oversubscribes the cores (8 searches at once on 2 cores ran 16 BLAS threads; a
+    search's CPU time was 1.6x that with one BLAS thread each). Returns the threadpoolctl
+    limiter (the limit holds for the process)."""
     from threadpoolctl import threadpool_limits
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -100,7 +100,7 @@ def _text(v: Any) -> str | None:
     return None if v is None or (isinstance(v, float) and v != v) else str(v)
 
 
-def _footprints(wkb: list[Any]) -> list[dict[str, Any] | None]:
+def _footprints(wkb: Sequence[Any]) -> list[dict[str, Any] | None]:
     """GeoJSON geometries of WKB cells (parsed in one call), None where absent."""
     has = [i for i, v in enumerate(wkb) if v is not None]
     out: list[dict[str, Any] | None] = [None] * len(wkb)
