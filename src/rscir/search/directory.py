@@ -117,7 +117,8 @@ class _DirectoryStrategy(SearchStrategy):
                subset: np.ndarray | None,
                stats: tuple[QueryStats | None, QueryStats | None]) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over all rows or the sorted ``subset``; -1 rows where none qualify."""
-        s = np.array(fused_scores(self.store.embeddings, query.img, query.txt, query.method, lam,
+        x = self.store.scan_embeddings  # float32 when it fits: no per-query conversion
+        s = np.array(fused_scores(x, query.img, query.txt, query.method, lam,
                                   stats, subset, self.params.chunk_rows), np.float64, copy=True)
         for qi, r in enumerate(excl.tolist()):
             if r < 0:

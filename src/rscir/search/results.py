@@ -11,7 +11,7 @@ acquisition time. :func:`score_decimals` picks how many decimals make ranked sco
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -79,35 +79,69 @@ def clamp_cosine(v: float | None) -> float | None:
     return None if v is None else min(1.0, max(-1.0, v))
 
 
-def build_hits(meta: pd.DataFrame, scores: np.ndarray, *, first_rank: int = 1,
-               sim_image: np.ndarray | None = None, sim_text: np.ndarray | None = None,
-               norm_image: np.ndarray | None = None, norm_text: np.ndarray | None = None,
-               ) -> list[Hit]:
-    """Hits from item metadata (rows in rank order) and their per-hit numbers."""
-    from shapely import from_wkb
-    from shapely.geometry import mapping
+# the item columns a hit is built from
+META_COLUMNS = ("id", "path", "label", "labels", "lon", "lat", "datetime", "crs", "width",
+                "height", "footprint")
 
-    def col(a: np.ndarray | None, i: int) -> float | None:
-        return None if a is None else _num(a[i])
 
-    out = []
-    for i, r in enumerate(meta.itertuples(index=False)):
-        fp = getattr(r, "footprint", None)
-        dt = getattr(r, "datetime", None)
-        out.append(Hit(
-            rank=first_rank + i, id=int(r.id), path=str(r.path), score=float(scores[i]),
-            label=None if r.label is None else str(r.label),
-            labels=[str(x) for x in r.labels],
-            sim_image=clamp_cosine(col(sim_image, i)), sim_text=clamp_cosine(col(sim_text, i)),
-            norm_image=col(norm_image, i), norm_text=col(norm_text, i),
-            lon=_num(r.lon), lat=_num(r.lat),
-            datetime=None if dt is None or pd.isna(dt) else pd.Timestamp(dt).isoformat(),
-            crs=getattr(r, "crs", None),
-            width=int(r.width) if int(r.width) >= 0 else None,
-            height=int(r.height) if int(r.height) >= 0 else None,
-            footprint=None if fp is None else dict(mapping(from_wkb(bytes(fp)))),
-        ))
+def _floats(a: np.ndarray | None, n: int, clamp: bool = False) -> list[float | None]:
+    """Per-hit numbers as Python floats, None where absent or not finite (cosines clamped)."""
+    if a is None:
+        return [None] * n
+    v = np.asarray(a, np.float64)[:n]
+    ok = np.isfinite(v)
+    if clamp:
+        v = np.clip(v, -1.0, 1.0)
+    return [x if good else None for x, good in zip(v.tolist(), ok.tolist(), strict=True)]
+
+
+def _text(v: Any) -> str | None:
+    """A text cell: None when missing (None or a NaN that a string column reads back)."""
+    return None if v is None or (isinstance(v, float) and v != v) else str(v)
+
+
+def _footprints(wkb: Sequence[Any]) -> list[dict[str, Any] | None]:
+    """GeoJSON geometries of WKB cells (parsed in one call), None where absent."""
+    has = [i for i, v in enumerate(wkb) if v is not None]
+    out: list[dict[str, Any] | None] = [None] * len(wkb)
+    if has:
+        from shapely import from_wkb  # not at import: keeps `rscir` start-up fast
+        from shapely.geometry import mapping
+
+        for i, g in zip(has, from_wkb([bytes(wkb[i]) for i in has]), strict=True):
+            out[i] = dict(mapping(g))
     return out
+
+
+def build_hits(meta: pd.DataFrame | Mapping[str, Sequence[Any]], scores: np.ndarray, *,
+               first_rank: int = 1, sim_image: np.ndarray | None = None,
+               sim_text: np.ndarray | None = None, norm_image: np.ndarray | None = None,
+               norm_text: np.ndarray | None = None) -> list[Hit]:
+    """Hits from item metadata in rank order (a frame, or the lists of
+    :meth:`~rscir.stores.base.EmbeddingStore.columns_for_ids` for :data:`META_COLUMNS`) and
+    their per-hit numbers; column-wise, with no per-row pandas access."""
+    if isinstance(meta, pd.DataFrame):
+        meta = {c: meta[c].tolist() for c in META_COLUMNS if c in meta}
+    ids = meta["id"]
+    n = len(ids)
+    none = [None] * n
+    dts = meta.get("datetime", none)
+    fps = meta.get("footprint")
+    return [
+        Hit(rank=first_rank + i, id=int(iid), path=str(path), score=float(sc), label=_text(lab),
+            labels=[str(x) for x in labs], sim_image=si, sim_text=st, norm_image=ni,
+            norm_text=nt, lon=_num(lon), lat=_num(lat),
+            datetime=None if dt is None or pd.isna(dt) else pd.Timestamp(dt).isoformat(),
+            crs=crs, width=int(w) if int(w) >= 0 else None,
+            height=int(h) if int(h) >= 0 else None, footprint=fp)
+        for i, (iid, path, sc, lab, labs, si, st, ni, nt, lon, lat, dt, crs, w, h, fp)
+        in enumerate(zip(
+            ids, meta["path"], np.asarray(scores, np.float64)[:n].tolist(), meta["label"],
+            meta["labels"], _floats(sim_image, n, True), _floats(sim_text, n, True),
+            _floats(norm_image, n), _floats(norm_text, n), meta["lon"], meta["lat"], dts,
+            meta.get("crs", none), meta["width"], meta["height"],
+            none if fps is None else _footprints(fps), strict=True))
+    ]
 
 
 def score_decimals(scores: Sequence[float], lo: int = 4, hi: int = 12) -> int:

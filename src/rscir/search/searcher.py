@@ -40,7 +40,7 @@ from ..scoring import (
 )
 from ..stores.base import EmbeddingStore
 from ..stores.filters import ItemFilter
-from .results import Hit, SearchResult, build_hits
+from .results import META_COLUMNS, Hit, SearchResult, build_hits
 from .strategy import (
     ComposedQuery,
     MomentsCache,
@@ -457,7 +457,7 @@ class Searcher:
         def cut(a: np.ndarray | None) -> np.ndarray | None:
             return None if a is None else a[offset:]
 
-        return build_hits(self.store.items_for_ids(ids), res.scores[offset:],
+        return build_hits(self.store.columns_for_ids(ids, META_COLUMNS), res.scores[offset:],
                           first_rank=offset + 1, sim_image=cut(res.sim_image),
                           sim_text=cut(res.sim_text), norm_image=cut(res.norm_image),
                           norm_text=cut(res.norm_text))

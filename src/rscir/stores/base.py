@@ -195,12 +195,24 @@ class EmbeddingStore(ABC):
         """(N, d) live embeddings in ``items`` order (a memmap or fetched; for tools and tests)."""
 
     @property
+    def scan_embeddings(self) -> np.ndarray:
+        """``embeddings`` as exact scans read them (a backend may keep a faster equal copy)."""
+        return self.embeddings
+
+    @property
     def ids(self) -> np.ndarray:
         return self.items["id"].to_numpy()
 
     @abstractmethod
     def items_for_ids(self, ids: Sequence[int] | np.ndarray) -> pd.DataFrame:
         """Metadata of these ids, in the order given; :class:`UnknownItemError` otherwise."""
+
+    def columns_for_ids(self, ids: Sequence[int] | np.ndarray, names: Sequence[str]
+                        ) -> dict[str, list[Any]]:
+        """Values of these metadata columns for these ids (in the order given) as lists, as
+        ``items_for_ids(ids)[name].tolist()`` gives them: what hits are built from."""
+        df = self.items_for_ids(ids)
+        return {name: df[name].tolist() for name in names}
 
     @abstractmethod
     def vectors_for_ids(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import uuid
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -199,6 +200,35 @@ class State:
 
 
 @dataclass
+class _Lookups:
+    """Read-side lookups of one store generation, replaced as a whole by a reload (so a search
+    running meanwhile sees one generation): ids, the id -> row search arrays, the metadata
+    columns as arrays (taking a few rows from them costs no DataFrame), and the float32 copy
+    of the embeddings that exact scans read (made on first use, when it fits the budget)."""
+
+    items: pd.DataFrame
+    ids: np.ndarray  # (N,) int64, items order
+    order: np.ndarray  # argsort of ids
+    sorted_ids: np.ndarray  # ids[order]
+    columns: dict[str, Any] = field(default_factory=dict)
+    scan: np.ndarray | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def rows(self, ids: Any, strict: bool = True) -> np.ndarray:
+        want = np.atleast_1d(np.asarray(ids, dtype=np.int64))
+        n = len(self.sorted_ids)
+        if not n:
+            if strict and want.size:
+                raise UnknownItemError(f"unknown item id(s): {want[:10].tolist()}")
+            return np.full(len(want), -1, np.int64)
+        pos = np.minimum(np.searchsorted(self.sorted_ids, want), n - 1)
+        ok = self.sorted_ids[pos] == want
+        if strict and not ok.all():
+            raise UnknownItemError(f"unknown item id(s): {want[~ok][:10].tolist()}")
+        return np.where(ok, self.order[pos], -1).astype(np.int64, copy=False)
+
+
+@dataclass
 class _Loaded:
     """One consistent read of the segments a state lists."""
 
@@ -213,6 +243,9 @@ class DirectoryStore(EmbeddingStore):
     with :meth:`create`; ``writable`` stores hold an exclusive lock until :meth:`close`."""
 
     backend: ClassVar[str] = "embedded"  # the name the HTTP API and `rscir info` report
+    # float16 stores keep a float32 copy for exact scans when it is at most this big (the
+    # float16 -> float32 conversion costs several times the matrix product it feeds)
+    SCAN_CACHE_BYTES: ClassVar[int] = 256 << 20
 
     def __init__(self, path: Path, manifest: Manifest, *, writable: bool,
                  lock_fd: int | None = None) -> None:
@@ -455,7 +488,12 @@ class DirectoryStore(EmbeddingStore):
         if dead.size:
             total = total - Moments.of(self._rows_of_all(dead))
         self._moments = total
-        self._id_order = np.argsort(self._items["id"].to_numpy(), kind="stable")
+        ids = self._items["id"].to_numpy(np.int64, copy=True)
+        ids.flags.writeable = False
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        sorted_ids.flags.writeable = False
+        self._lookups = _Lookups(self._items, ids, order, sorted_ids)
         self._path_index = pd.Index(self._items["path"])
 
     def _sweep(self) -> None:
@@ -531,25 +569,61 @@ class DirectoryStore(EmbeddingStore):
     def moments(self) -> Moments:
         return self._moments
 
+    @property
+    def ids(self) -> np.ndarray:
+        """Item ids in ``items`` order (read-only, kept per generation)."""
+        return self._lookups.ids
+
+    @property
+    def scan_embeddings(self) -> np.ndarray:
+        """``embeddings`` as float32 when they fit ``SCAN_CACHE_BYTES``: converted once per
+        generation rather than a chunk per query (equal values: float16 -> float32 is exact);
+        else the memmap itself."""
+        lk = self._lookups
+        if lk.scan is not None:
+            return lk.scan
+        x = self.embeddings
+        if (x.dtype == np.float32 or x.shape[0] * x.shape[1] * 4 > self.SCAN_CACHE_BYTES
+                or lk is not self._lookups):  # (a reload meanwhile: not cached for the old one)
+            return x
+        with lk.lock:
+            if lk.scan is None:
+                scan = np.ascontiguousarray(x, dtype=np.float32)
+                scan.flags.writeable = False
+                lk.scan = scan
+        return lk.scan
+
     def rows_for_ids(self, ids: Any, *, strict: bool = True) -> np.ndarray:
         """Row positions (in ``items``/``embeddings``) of item ids; an unknown id raises
         :class:`UnknownItemError`, or gives -1 when not ``strict``."""
-        want = np.atleast_1d(np.asarray(ids, dtype=np.int64))
-        sorted_ids = self.ids[self._id_order]
-        pos = np.searchsorted(sorted_ids, want)
-        pos_c = np.minimum(pos, max(len(sorted_ids) - 1, 0))
-        ok = (pos < len(sorted_ids)) & (sorted_ids[pos_c] == want) if len(sorted_ids) else pos < 0
-        if strict and not np.all(ok):
-            raise UnknownItemError(f"unknown item id(s): {want[~ok][:10].tolist()}")
-        rows = self._id_order[pos_c] if len(sorted_ids) else np.zeros(len(want), np.int64)
-        return np.where(ok, rows, -1).astype(np.int64)
+        return self._lookups.rows(ids, strict)
 
     def items_for_ids(self, ids: Sequence[int] | np.ndarray) -> pd.DataFrame:
         return self.items.iloc[self.rows_for_ids(ids)].reset_index(drop=True)
 
+    def columns_for_ids(self, ids: Sequence[int] | np.ndarray, names: Sequence[str]
+                        ) -> dict[str, list[Any]]:
+        """Taken from per-generation column arrays: no DataFrame per call."""
+        lk = self._lookups
+        rows = lk.rows(ids)
+        out: dict[str, list[Any]] = {}
+        for name in names:
+            col = lk.columns.get(name)
+            if col is None:
+                a = lk.items[name].array
+                # numpy-backed columns as their ndarray (no copy); others (Arrow strings,
+                # tz-aware datetimes) as the extension array, whose take gives the same values
+                col = a.to_numpy() if isinstance(a, pd.arrays.NumpyExtensionArray) else a
+                lk.columns[name] = col
+            out[name] = col[rows].tolist() if isinstance(col, np.ndarray) else \
+                list(col.take(rows))
+        return out
+
     def vectors_for_ids(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        rows = self.rows_for_ids(ids)
-        return np.asarray(self.embeddings[rows], np.float32)
+        lk = self._lookups
+        rows = lk.rows(ids)
+        x = lk.scan if lk.scan is not None else self.embeddings  # equal values; no memmap
+        return np.asarray(x[rows], np.float32)
 
     def rows_for_paths(self, paths: list[str]) -> np.ndarray:
         """Row of each relative path, -1 when absent."""
