@@ -22,12 +22,15 @@ Rules (the issue's wording is authoritative; they match the reference ``evaluate
   strictly increasing), so those rankings are used: float32 Φ saturates at 1 for z > 5.4, which
   would otherwise tie the best matches arbitrarily.
 
-Why it is fast: similarities are computed in float32 chunks under a memory cap; WeiCom's
-normalized image/text similarities are computed once per chunk and reused for every λ; rankings
-that do not depend on the text (image only) or on the image (text only) are sorted once per image
-or text; and AP needs only the ranks of relevant items (:func:`rscir.bench.metrics.relevant_ranks`).
-Ties are broken by database order (a stable descending sort); the reference's GPU ``argsort``
-breaks them arbitrarily.
+Why it is fast: AP, P@k and R@k need only the rank of each relevant item, i.e. how many items
+score higher (plus the tie rule), so no ranking is materialized. Image similarities are one
+float32 matrix product per chunk of query images (the same product and normalization as
+before, so every score is bit-identical), normalized once for every λ; rankings that do not
+depend on the text (image only) or on the image (text only) are sorted once per image or text;
+fused rows are computed into reused buffers a few pairs at a time and sorted while in cache
+(numpy's SIMD sort); each relevant item's rank is then a binary search in its sorted row
+(:func:`rscir.bench.metrics.ranks_in_sorted_rows`). Ties are broken by database order (a stable
+descending sort); the reference's GPU ``argsort`` breaks them arbitrarily.
 """
 
 from __future__ import annotations
@@ -51,7 +54,13 @@ from threadpoolctl import threadpool_limits
 
 from ..moments import ArchiveMoments
 from ..scoring import METHODS, QueryStats, check_lam, check_method, fuse
-from .metrics import average_precision_from_ranks, precision_recall_at_k, relevant_ranks
+from .metrics import (
+    average_precision_from_ranks,
+    precision_recall_at_k,
+    ranks_in_sorted_rows,
+    sort_rows,
+    sort_rows_above,
+)
 
 log = logging.getLogger(__name__)
 
@@ -403,18 +412,80 @@ def _as_float32(x: np.ndarray) -> np.ndarray:
     return a
 
 
-@dataclass
-class _TextSims:
-    """Similarities of every text to the database, raw and WeiCom-normalized, with sorted rows."""
+def _ranking_of(c: Config) -> str:
+    """``image``/``text`` when a configuration ranks exactly as the raw image/text similarities
+    (WeiCom at λ = 0/1: Φ and the per-query standardization are strictly increasing), else
+    ``fused``."""
+    lam = c.lam if c.lam is not None else 0.5
+    if c.method == "image" or (c.method == "weicom" and lam == 0.0):
+        return "image"
+    if c.method == "text" or (c.method == "weicom" and lam == 1.0):
+        return "text"
+    return "fused"
 
-    raw: np.ndarray
-    norm: np.ndarray | None
-    _sorted: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def sorted(self, which: str) -> np.ndarray:
-        if which not in self._sorted:
-            self._sorted[which] = np.sort(self.raw if which == "raw" else self.norm, axis=1)
-        return self._sorted[which]
+@dataclass(frozen=True)
+class _Relevance:
+    """The relevant database rows of every group as one flat array: group ``g``'s are
+    ``cols[starts[g]:starts[g+1]]``."""
+
+    cols: np.ndarray
+    starts: np.ndarray
+
+    @classmethod
+    def of(cls, relevant: Sequence[np.ndarray]) -> _Relevance:
+        counts = np.array([len(r) for r in relevant], dtype=np.int64)
+        cols = np.concatenate([np.asarray(r, np.int64) for r in relevant]) if relevant else None
+        return cls(cols if cols is not None else np.zeros(0, np.int64),
+                   np.r_[0, np.cumsum(counts)].astype(np.int64))
+
+    @property
+    def longest(self) -> int:
+        return int(np.diff(self.starts).max()) if len(self.starts) > 1 else 0
+
+    def lists(self, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ragged lists (``cols``, ``starts``) of a sequence of groups."""
+        lengths = self.starts[groups + 1] - self.starts[groups]
+        starts = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+        src = np.repeat(self.starts[groups] - starts[:-1], lengths) + np.arange(starts[-1])
+        return self.cols[src], starts
+
+
+class _Scratch:
+    """Reused (block, N) float32 buffers of one worker: fresh ~2 MB arrays per block and
+    configuration cost page faults and cache misses that dominate the arithmetic."""
+
+    def __init__(self, rows: int, n: int) -> None:
+        self.rows, self.n = rows, n
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, rows: int) -> np.ndarray:
+        if name not in self._bufs:
+            self._bufs[name] = np.empty((self.rows, self.n), np.float32)
+        return self._bufs[name][:rows]
+
+
+def _fused_scores(
+    c: Config, rows: Callable[[str], np.ndarray], out: np.ndarray, tmp: np.ndarray
+) -> np.ndarray:
+    """A block's fused scores written into ``out``, with exactly the float32 arithmetic of
+    :func:`rscir.scoring.fuse` (average ``(a + b) / 2``) and :func:`weicom_from_normalized`;
+    ``rows(kind)`` gives the block's raw (``si``/``st``) or normalized (``ni``/``nt``) rows."""
+    lam = c.lam if c.lam is not None else 0.5
+    if c.method == "weicom":
+        np.multiply(rows("ni"), 1.0 - lam, out=out)
+        np.multiply(rows("nt"), lam, out=tmp)
+        out += tmp
+    elif c.method == "average":
+        np.add(rows("si"), rows("st"), out=out)
+        np.divide(out, 2, out=out)
+    elif c.method == "sum":
+        np.add(rows("si"), rows("st"), out=out)
+    elif c.method == "product":
+        np.multiply(rows("si"), rows("st"), out=out)
+    else:
+        out[...] = fuse(c.method, rows("si"), rows("st"), lam)
+    return out
 
 
 def evaluate_pairs(
@@ -425,7 +496,7 @@ def evaluate_pairs(
     *,
     ks: Sequence[int] = KS,
     memory_cap: int = DEFAULT_MEMORY_CAP,
-    block: int = 128,
+    block: int = 16,
     workers: int = 1,
     moments: ArchiveMoments | None = None,
     progress: Callable[[int], None] | None = None,
@@ -433,8 +504,12 @@ def evaluate_pairs(
     """Metrics of every pair for every configuration. ``text_feats`` (len(pairs.texts), d).
 
     Pairs are grouped by query image into chunks whose similarity matrices fit ``memory_cap``
-    (shared by ``workers`` threads: numpy's sort, BLAS and torch release the GIL), and scored in
-    blocks of ``block`` pairs."""
+    (shared by ``workers`` threads: numpy's sort and search, BLAS and torch release the GIL).
+    Per chunk, the image similarities are one matrix product, normalized once for every λ and
+    sorted once per query image; text similarities once per attribute. Then ``block`` pairs at
+    a time: rankings that depend on one modality only reuse those sorted rows; fused scores
+    are computed into reused buffers and sorted while in cache; and only each relevant item's
+    rank is looked up (:func:`rscir.bench.metrics.ranks_in_sorted_rows`)."""
     db = _as_float32(db)
     n = db.shape[0]
     if n < 2:
@@ -452,29 +527,23 @@ def evaluate_pairs(
     }
     if n_pairs == 0:
         return out
-    need_norm = any(c.method == "weicom" and c.lam not in (0.0, 1.0) for c in configs)
+    block = max(1, int(block))
+    kinds = {c: _ranking_of(c) for c in configs}
+    need_norm = any(c.method == "weicom" and kinds[c] == "fused" for c in configs)
     if need_norm and moments is None:
         moments = ArchiveMoments.of(db)
     raw_t = text_feats @ db.T
-    tsims = _TextSims(
-        raw_t, normalize_cdf(raw_t, moments.query_stats(text_feats)) if need_norm else None
-    )
-    if any(c.method == "text" or (c.method == "weicom" and c.lam == 1.0) for c in configs):
-        tsims.sorted("raw")  # shared by all threads: sort before they start
+    norm_t = normalize_cdf(raw_t, moments.query_stats(text_feats)) if need_norm else None
+    sorted_t = sort_rows(raw_t) if "text" in kinds.values() else None
+    rel = _Relevance.of(pairs.relevant)
+    m_max = rel.longest
 
-    counts = np.array([len(r) for r in pairs.relevant], dtype=np.int64)
-    m_max = int(counts.max()) if len(counts) else 0
-    rel_cols = np.zeros((len(counts), m_max), np.int64)
-    for g, r in enumerate(pairs.relevant):
-        rel_cols[g, : len(r)] = r
-    rel_valid = np.arange(m_max)[None, :] < counts[:, None]
-
-    # Chunks of whole queries: per chunk ~4 float32 (pairs × N) matrices (raw, normalized and
-    # sorted image similarities, plus a block's fused scores).
+    # Chunks of whole queries: per chunk ~3 float32 (queries × N) matrices (raw, normalized and
+    # sorted image similarities) plus a worker's ~7 (block × N) buffers.
     workers = max(1, int(workers))
     order = np.argsort(pairs.query, kind="stable")
     q_sorted = pairs.query[order]
-    max_pairs = max(1, int(memory_cap // workers // (4 * 4 * n)) - block)
+    max_pairs = max(1, int(memory_cap // workers // (4 * 4 * n)) - 8 * block)
     starts = np.flatnonzero(np.r_[True, q_sorted[1:] != q_sorted[:-1]])
     bounds = [0]
     for s in starts[1:]:
@@ -487,18 +556,47 @@ def evaluate_pairs(
         uq, qi_chunk = np.unique(pairs.query[idx_chunk], return_inverse=True)
         s_img = db[uq] @ db.T
         n_img = normalize_cdf(s_img, moments.query_stats(db[uq])) if need_norm else None
-        img_sorted: dict[str, np.ndarray] = {}
+        sorted_img = sort_rows(s_img) if "image" in kinds.values() else None
+        scratch = _Scratch(min(block, hi - lo), n)
         for b in range(0, hi - lo, block):
             sl = slice(b, min(b + block, hi - lo))
-            idx, qi, ti = idx_chunk[sl], qi_chunk[sl], pairs.text[idx_chunk[sl]]
-            gi = pairs.group[idx]
-            cols, valid, n_rel = rel_cols[gi], rel_valid[gi], counts[gi]
-            rows: dict[str, np.ndarray] = {}  # this block's gathered similarity rows
+            idx, qi = idx_chunk[sl], qi_chunk[sl]
+            ti = pairs.text[idx]
+            cols, rstarts = rel.lists(pairs.group[idx])
+            n_rel = np.diff(rstarts)
+            pair_of = np.repeat(np.arange(len(idx)), n_rel)
+            slot = np.arange(len(cols)) - rstarts[pair_of]
+            gathered: set[str] = set()
+
+            def rows(kind: str, qi=qi, ti=ti, gathered=gathered) -> np.ndarray:
+                buf = scratch.get(kind, len(qi))
+                if kind not in gathered:  # once per block, shared by every λ
+                    src = {"si": s_img, "ni": n_img, "st": raw_t, "nt": norm_t}[kind]
+                    # mode="clip": with the default "raise" numpy buffers ``out`` (a copy)
+                    np.take(src, qi if kind[1] == "i" else ti, axis=0, out=buf, mode="clip")
+                    gathered.add(kind)
+                return buf
+
             for c in configs:
-                ranks = _config_ranks(c, s_img, n_img, img_sorted, rows, tsims, qi, ti, cols,
-                                      valid)
-                ap = average_precision_from_ranks(ranks, n_rel)
-                prec, rec = precision_recall_at_k(ranks, n_rel, ks)
+                if kinds[c] == "image":
+                    ranks = ranks_in_sorted_rows(s_img, sorted_img, qi, cols, rstarts)
+                elif kinds[c] == "text":
+                    ranks = ranks_in_sorted_rows(raw_t, sorted_t, ti, cols, rstarts)
+                else:
+                    fused = _fused_scores(c, rows, scratch.get("fused", len(idx)),
+                                          scratch.get("tmp", len(idx)))
+                    # Items below a pair's lowest relevant score never outrank a relevant item.
+                    floors = np.full(len(idx), np.inf, np.float32)
+                    has = n_rel > 0
+                    floors[has] = np.minimum.reduceat(fused[pair_of, cols], rstarts[:-1][has])
+                    srt = scratch.get("sorted", len(idx))
+                    kept = sort_rows_above(fused, floors, srt)
+                    ranks = ranks_in_sorted_rows(fused, srt, np.arange(len(idx)), cols, rstarts,
+                                                 kept)
+                padded = np.full((len(idx), m_max), n + 1, np.int64)
+                padded[pair_of, slot] = ranks
+                ap = average_precision_from_ranks(padded, n_rel)
+                prec, rec = precision_recall_at_k(padded, n_rel, ks)
                 m = out[c]
                 m.ap[idx] = np.round(ap * 100, 2)
                 m.precision[idx] = np.round(prec * 100, 2)
@@ -516,43 +614,6 @@ def evaluate_pairs(
             for f in [pool.submit(run_chunk, lo, hi) for lo, hi in spans]:
                 f.result()
     return out
-
-
-def _config_ranks(
-    c: Config,
-    s_img: np.ndarray,
-    n_img: np.ndarray | None,
-    img_sorted: dict[str, np.ndarray],
-    rows: dict[str, np.ndarray],
-    tsims: _TextSims,
-    qi: np.ndarray,
-    ti: np.ndarray,
-    cols: np.ndarray,
-    valid: np.ndarray,
-) -> np.ndarray:
-    """Ranks of the relevant items of a block of pairs under one configuration. Rankings that do
-    not depend on the text (image, WeiCom λ=0) or the image (text, WeiCom λ=1) are sorted once
-    per query image or text and shared by all their pairs; WeiCom at λ = 0/1 ranks exactly as the
-    raw similarities (Φ and the per-query standardization are strictly increasing). ``rows``
-    caches the block's gathered similarity rows across configurations (e.g. a λ sweep)."""
-    lam = c.lam if c.lam is not None else 0.5
-    if c.method == "image" or (c.method == "weicom" and lam == 0.0):
-        if "raw" not in img_sorted:
-            img_sorted["raw"] = np.sort(s_img, axis=1)
-        return relevant_ranks(s_img, cols, valid, rows=qi, sorted_scores=img_sorted["raw"])
-    if c.method == "text" or (c.method == "weicom" and lam == 1.0):
-        return relevant_ranks(tsims.raw, cols, valid, rows=ti, sorted_scores=tsims.sorted("raw"))
-    kinds = ("ni", "nt") if c.method == "weicom" else ("si", "st")
-    for kind in kinds:
-        if kind not in rows:
-            src = {"ni": n_img, "nt": tsims.norm, "si": s_img, "st": tsims.raw}[kind]
-            rows[kind] = src[qi if kind[1] == "i" else ti]
-    if c.method == "weicom":
-        fused = weicom_from_normalized(rows["ni"], rows["nt"], lam)
-    else:
-        fused = fuse(c.method, rows["si"], rows["st"], lam)
-    return relevant_ranks(fused, cols, valid)
-
 
 # --------------------------------------------------------------------------- inputs
 @dataclass(frozen=True)
@@ -706,10 +767,13 @@ def run_patterncom(
     memory_cap: int = DEFAULT_MEMORY_CAP,
     skip_missing: bool = False,
     workers: int | None = None,
-    block: int = 128,
+    block: int = 16,
     progress: bool = True,
+    evaluator: Callable[..., dict[Config, PairMetrics]] | None = None,
 ) -> PatternComResult:
-    """The full protocol over the attribute CSVs under ``data``."""
+    """The full protocol over the attribute CSVs under ``data``. ``evaluator`` replaces
+    :func:`evaluate_pairs` (same signature), e.g. by the previous implementation in
+    :mod:`rscir.bench.patterncom_baseline` for a before/after comparison."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -742,8 +806,8 @@ def run_patterncom(
             ta = time.perf_counter()
             bar.set_postfix_str(p.attribute)
             tf = tmat[[trow[t] for t in p.texts]] if p.texts else np.zeros((0, feats.shape[1]))
-            metrics = evaluate_pairs(feats, tf, p, configs, ks=ks, memory_cap=memory_cap,
-                                     block=block, workers=workers, moments=moments,
-                                     progress=bar.update)
+            metrics = (evaluator or evaluate_pairs)(
+                feats, tf, p, configs, ks=ks, memory_cap=memory_cap, block=block,
+                workers=workers, moments=moments, progress=bar.update)
             results.append(AttributeResult(p.attribute, p, metrics, time.perf_counter() - ta))
     return PatternComResult(configs, tuple(ks), results, feats.shape[0], time.perf_counter() - t0)
