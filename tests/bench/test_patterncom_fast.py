@@ -109,3 +109,20 @@ def test_sort_rows_above_keeps_exactly_the_scores_at_or_above_the_floor():
         np.testing.assert_array_equal(out[i, :k], np.sort(s[i][s[i] >= floors[i]]))
     assert lengths[3] == 100  # (almost) everything kept: the whole row is sorted
     np.testing.assert_array_equal(out[3], np.sort(s[3]))
+
+
+def test_normalization_of_a_block_of_rows_has_the_bits_of_the_whole_matrix():
+    """The evaluation normalizes a chunk's image similarities 8 rows at a time (in cache); the
+    previous one normalized the whole chunk. Elementwise float32 ops and erf, so the same bits,
+    also for a row length that is no multiple of the SIMD width."""
+    from rscir.bench.patterncom import normalize_cdf
+    from rscir.scoring import QueryStats
+
+    rng = np.random.default_rng(0)
+    s = (rng.standard_normal((40, 1001)) * 0.1).astype(np.float32)
+    st = QueryStats.of(s)
+    whole = normalize_cdf(s, st)
+    out = np.empty_like(s)
+    for a in range(0, 40, 8):
+        normalize_cdf(s[a:a + 8], QueryStats(st.mean[a:a + 8], st.std[a:a + 8]), out=out[a:a + 8])
+    np.testing.assert_array_equal(out.view(np.int32), whole.view(np.int32))

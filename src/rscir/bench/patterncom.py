@@ -41,9 +41,11 @@ import logging
 import os
 import pickle
 import re
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -306,17 +308,24 @@ def parse_lams(specs: Sequence[str] | str) -> list[float]:
     return list(dict.fromkeys(out))
 
 
-def normalize_cdf(sims: np.ndarray, stats: QueryStats) -> np.ndarray:
+def normalize_cdf(
+    sims: np.ndarray, stats: QueryStats, out: np.ndarray | None = None
+) -> np.ndarray:
     """WeiCom's per-query normalization Φ((s − mean)/std) as the reference computes it,
-    ``0.5·(1 + erf(z/√2))`` in float32 (returns a new array). Hand-written instead of
+    ``0.5·(1 + erf(z/√2))`` in float32 (into ``out``, else a new array). Hand-written instead of
     :func:`rscir.scoring.norm_cdf` (scipy's ``ndtr``) because torch's vectorized ``erf`` is ~10×
-    faster here and is the reference's formula; the two agree to float32 rounding."""
-    out = torch.from_numpy(np.array(sims, dtype=np.float32, copy=True))
+    faster here and is the reference's formula; the two agree to float32 rounding. Elementwise:
+    a block of rows gives the same bits as the whole matrix (the tests check it)."""
+    if out is None:
+        out = np.array(sims, dtype=np.float32, copy=True)
+    else:
+        np.copyto(out, sims)
+    t = torch.from_numpy(out)
     std = np.where(stats.std > 0, stats.std, 1.0) * np.sqrt(2.0)
-    out.sub_(torch.from_numpy(np.asarray(stats.mean, dtype=np.float32)))
-    out.div_(torch.from_numpy(std.astype(np.float32)))
-    out.erf_().add_(1.0).mul_(0.5)
-    return out.numpy()
+    t.sub_(torch.from_numpy(np.asarray(stats.mean, dtype=np.float32)))
+    t.div_(torch.from_numpy(std.astype(np.float32)))
+    t.erf_().add_(1.0).mul_(0.5)
+    return out
 
 
 def weicom_from_normalized(ni: np.ndarray, nt: np.ndarray, lam: float) -> np.ndarray:
@@ -446,23 +455,55 @@ class _Relevance:
     def lists(self, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The ragged lists (``cols``, ``starts``) of a sequence of groups."""
         lengths = self.starts[groups + 1] - self.starts[groups]
-        starts = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+        starts = np.zeros(len(groups) + 1, np.int64)
+        np.cumsum(lengths, out=starts[1:])
         src = np.repeat(self.starts[groups] - starts[:-1], lengths) + np.arange(starts[-1])
         return self.cols[src], starts
 
 
-class _Scratch:
-    """Reused (block, N) float32 buffers of one worker: fresh ~2 MB arrays per block and
-    configuration cost page faults and cache misses that dominate the arithmetic."""
+class _Buffers:
+    """Float32 (rows, N) arrays of one worker, reused across chunks and blocks: a fresh array
+    of a chunk's image similarities is hundreds of MB whose first touch costs a page fault
+    every 4 KB (seconds of system time over a run), and fresh (block, N) arrays per block and
+    configuration also miss the cache."""
 
-    def __init__(self, rows: int, n: int) -> None:
-        self.rows, self.n = rows, n
+    def __init__(self, n: int) -> None:
+        self.n = n
         self._bufs: dict[str, np.ndarray] = {}
 
     def get(self, name: str, rows: int) -> np.ndarray:
-        if name not in self._bufs:
-            self._bufs[name] = np.empty((self.rows, self.n), np.float32)
-        return self._bufs[name][:rows]
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[0] < rows:
+            buf = self._bufs[name] = np.empty((rows, self.n), np.float32)
+        return buf[:rows]
+
+
+class _ImageRows:
+    """A chunk's image similarity rows (one per query image) with their WeiCom normalization
+    and sorted copy, made a few rows at a time just before the pairs that need them (in query
+    order), while the rows are in cache: over the whole chunk at once these passes stream
+    hundreds of MB through memory each."""
+
+    def __init__(
+        self, sims: np.ndarray, stats: QueryStats | None, need_sorted: bool, bufs: _Buffers
+    ) -> None:
+        self.raw, self.stats = sims, stats
+        q = sims.shape[0]
+        self.norm = bufs.get("norm", q) if stats is not None else None
+        self.sorted = bufs.get("sorted_img", q) if need_sorted else None
+        self.done = 0
+
+    def ready(self, upto: int, step: int = 8) -> None:
+        """Normalize and sort rows ``[done, upto)``."""
+        for a in range(self.done, upto, step):
+            b = min(a + step, upto)
+            if self.norm is not None:
+                assert self.stats is not None
+                normalize_cdf(self.raw[a:b], QueryStats(self.stats.mean[a:b], self.stats.std[a:b]),
+                              out=self.norm[a:b])
+            if self.sorted is not None:
+                sort_rows(self.raw[a:b], out=self.sorted[a:b])
+        self.done = max(self.done, upto)
 
 
 def _fused_scores(
@@ -551,21 +592,29 @@ def evaluate_pairs(
             bounds.append(int(s))
     bounds.append(n_pairs)
 
+    local = threading.local()  # each worker thread's _Buffers
+
     def run_chunk(lo: int, hi: int) -> None:
+        if not hasattr(local, "bufs"):
+            local.bufs = _Buffers(n)
+        scratch = local.bufs
         idx_chunk = order[lo:hi]
         uq, qi_chunk = np.unique(pairs.query[idx_chunk], return_inverse=True)
-        s_img = db[uq] @ db.T
-        n_img = normalize_cdf(s_img, moments.query_stats(db[uq])) if need_norm else None
-        sorted_img = sort_rows(s_img) if "image" in kinds.values() else None
-        scratch = _Scratch(min(block, hi - lo), n)
+        s_img = np.matmul(db[uq], db.T, out=scratch.get("raw", len(uq)))
+        img = _ImageRows(s_img, moments.query_stats(db[uq]) if need_norm else None,
+                         "image" in kinds.values(), scratch)
+        n_img, sorted_img = img.norm, img.sorted
         for b in range(0, hi - lo, block):
             sl = slice(b, min(b + block, hi - lo))
             idx, qi = idx_chunk[sl], qi_chunk[sl]
+            img.ready(int(qi[-1]) + 1)  # pairs are in query order
             ti = pairs.text[idx]
             cols, rstarts = rel.lists(pairs.group[idx])
             n_rel = np.diff(rstarts)
             pair_of = np.repeat(np.arange(len(idx)), n_rel)
             slot = np.arange(len(cols)) - rstarts[pair_of]
+            has = n_rel > 0
+            seg_starts = rstarts[:-1][has]
             gathered: set[str] = set()
 
             def rows(kind: str, qi=qi, ti=ti, gathered=gathered) -> np.ndarray:
@@ -577,7 +626,9 @@ def evaluate_pairs(
                     gathered.add(kind)
                 return buf
 
-            for c in configs:
+            # Every configuration's ranks in one padded matrix, AP/P/R computed once per block.
+            padded = np.full((len(configs), len(idx), m_max), n + 1, np.int64)
+            for ci, c in enumerate(configs):
                 if kinds[c] == "image":
                     ranks = ranks_in_sorted_rows(s_img, sorted_img, qi, cols, rstarts)
                 elif kinds[c] == "text":
@@ -587,33 +638,49 @@ def evaluate_pairs(
                                           scratch.get("tmp", len(idx)))
                     # Items below a pair's lowest relevant score never outrank a relevant item.
                     floors = np.full(len(idx), np.inf, np.float32)
-                    has = n_rel > 0
-                    floors[has] = np.minimum.reduceat(fused[pair_of, cols], rstarts[:-1][has])
+                    floors[has] = np.minimum.reduceat(fused[pair_of, cols], seg_starts)
                     srt = scratch.get("sorted", len(idx))
                     kept = sort_rows_above(fused, floors, srt)
                     ranks = ranks_in_sorted_rows(fused, srt, np.arange(len(idx)), cols, rstarts,
                                                  kept)
-                padded = np.full((len(idx), m_max), n + 1, np.int64)
-                padded[pair_of, slot] = ranks
-                ap = average_precision_from_ranks(padded, n_rel)
-                prec, rec = precision_recall_at_k(padded, n_rel, ks)
+                padded[ci, pair_of, slot] = ranks
+            flat = padded.reshape(-1, m_max)  # rows are independent: same values as one by one
+            n_rel_all = np.tile(n_rel, len(configs))
+            ap = np.round(average_precision_from_ranks(flat, n_rel_all) * 100, 2)
+            prec, rec = precision_recall_at_k(flat, n_rel_all, ks)
+            prec, rec = np.round(prec * 100, 2), np.round(rec * 100, 2)
+            for ci, c in enumerate(configs):
+                rs = slice(ci * len(idx), (ci + 1) * len(idx))
                 m = out[c]
-                m.ap[idx] = np.round(ap * 100, 2)
-                m.precision[idx] = np.round(prec * 100, 2)
-                m.recall[idx] = np.round(rec * 100, 2)
+                m.ap[idx], m.precision[idx], m.recall[idx] = ap[rs], prec[rs], rec[rs]
             if progress is not None:
                 progress(len(idx))
 
     spans = list(zip(bounds[:-1], bounds[1:], strict=True))
-    if workers == 1 or len(spans) == 1:
-        for lo, hi in spans:
-            run_chunk(lo, hi)
-    else:
-        # One BLAS/OpenMP thread per worker: the workers already use every core.
-        with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
-            for f in [pool.submit(run_chunk, lo, hi) for lo, hi in spans]:
-                f.result()
+    # torch (normalization) single-threaded: its OpenMP barriers on a block of rows cost ~10 ms
+    # each when the cores are busy (measured: 5.3 s vs 0.07 s for 512 rows in blocks of 8).
+    with _torch_threads(1):
+        if workers == 1 or len(spans) == 1:
+            for lo, hi in spans:
+                run_chunk(lo, hi)
+        else:
+            # One BLAS/OpenMP thread per worker: the workers already use every core.
+            with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
+                for f in [pool.submit(run_chunk, lo, hi) for lo, hi in spans]:
+                    f.result()
     return out
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count for a while (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 # --------------------------------------------------------------------------- inputs
 @dataclass(frozen=True)
