@@ -126,3 +126,15 @@ def test_normalization_of_a_block_of_rows_has_the_bits_of_the_whole_matrix():
     for a in range(0, 40, 8):
         normalize_cdf(s[a:a + 8], QueryStats(st.mean[a:a + 8], st.std[a:a + 8]), out=out[a:a + 8])
     np.testing.assert_array_equal(out.view(np.int32), whole.view(np.int32))
+
+
+def test_torch_thread_count_is_restored(tied):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _run(tied, workers=2)
+        assert torch.get_num_threads() == 2  # evaluated with 1 torch thread, then restored
+    finally:
+        torch.set_num_threads(before)
