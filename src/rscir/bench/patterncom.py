@@ -529,6 +529,92 @@ def _fused_scores(
     return out
 
 
+@dataclass
+class _Job:
+    """Everything a worker needs to score chunks of pairs."""
+
+    db: np.ndarray
+    query: np.ndarray  # (P,) database row of each pair's query image
+    text: np.ndarray  # (P,) text index of each pair
+    group: np.ndarray  # (P,) relevance group of each pair
+    order: np.ndarray  # pairs sorted by query image (chunks are ranges of it)
+    rel: _Relevance
+    raw_t: np.ndarray
+    norm_t: np.ndarray | None
+    sorted_t: np.ndarray | None
+    moments: ArchiveMoments | None
+    configs: list[Config]
+    kinds: list[str]
+    ks: tuple[int, ...]
+    block: int
+
+    def score(
+        self, lo: int, hi: int, bufs: _Buffers
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Pairs ``order[lo:hi]`` (whole query images): their indices and per configuration
+        AP (C, P), P@k and R@k (C, P, len(ks)) in percent, rounded to 2 decimals."""
+        db, n, block, configs, kinds = self.db, self.db.shape[0], self.block, self.configs, self.kinds
+        m_max = self.rel.longest
+        idx_chunk = self.order[lo:hi]
+        uq, qi_chunk = np.unique(self.query[idx_chunk], return_inverse=True)
+        s_img = np.matmul(db[uq], db.T, out=bufs.get("raw", len(uq)))
+        stats = self.moments.query_stats(db[uq]) if self.norm_t is not None else None
+        assert self.moments is not None or stats is None
+        img = _ImageRows(s_img, stats, "image" in kinds, bufs)
+        n_img, sorted_img = img.norm, img.sorted
+        n_c, n_p = len(configs), hi - lo
+        ap = np.zeros((n_c, n_p))
+        prec = np.zeros((n_c, n_p, len(self.ks)))
+        rec = np.zeros((n_c, n_p, len(self.ks)))
+        for b in range(0, n_p, block):
+            sl = slice(b, min(b + block, n_p))
+            idx, qi = idx_chunk[sl], qi_chunk[sl]
+            img.ready(int(qi[-1]) + 1)  # pairs are in query order
+            ti = self.text[idx]
+            cols, rstarts = self.rel.lists(self.group[idx])
+            n_rel = np.diff(rstarts)
+            pair_of = np.repeat(np.arange(len(idx)), n_rel)
+            slot = np.arange(len(cols)) - rstarts[pair_of]
+            has = n_rel > 0
+            seg_starts = rstarts[:-1][has]
+            gathered: set[str] = set()
+
+            def rows(kind: str, qi=qi, ti=ti, gathered=gathered) -> np.ndarray:
+                buf = bufs.get(kind, len(qi))
+                if kind not in gathered:  # once per block, shared by every λ
+                    src = {"si": s_img, "ni": n_img, "st": self.raw_t, "nt": self.norm_t}[kind]
+                    # mode="clip": with the default "raise" numpy buffers ``out`` (a copy)
+                    np.take(src, qi if kind[1] == "i" else ti, axis=0, out=buf, mode="clip")
+                    gathered.add(kind)
+                return buf
+
+            # Every configuration's ranks in one padded matrix, AP/P/R computed once per block.
+            padded = np.full((n_c, len(idx), m_max), n + 1, np.int64)
+            for ci, c in enumerate(configs):
+                if kinds[ci] == "image":
+                    ranks = ranks_in_sorted_rows(s_img, sorted_img, qi, cols, rstarts)
+                elif kinds[ci] == "text":
+                    ranks = ranks_in_sorted_rows(self.raw_t, self.sorted_t, ti, cols, rstarts)
+                else:
+                    fused = _fused_scores(c, rows, bufs.get("fused", len(idx)),
+                                          bufs.get("tmp", len(idx)))
+                    # Items below a pair's lowest relevant score never outrank a relevant item.
+                    floors = np.full(len(idx), np.inf, np.float32)
+                    floors[has] = np.minimum.reduceat(fused[pair_of, cols], seg_starts)
+                    srt = bufs.get("sorted", len(idx))
+                    kept = sort_rows_above(fused, floors, srt)
+                    ranks = ranks_in_sorted_rows(fused, srt, np.arange(len(idx)), cols, rstarts,
+                                                 kept)
+                padded[ci, pair_of, slot] = ranks
+            flat = padded.reshape(-1, m_max)  # rows are independent: same values as one by one
+            n_rel_all = np.tile(n_rel, n_c)
+            shape = (n_c, len(idx))
+            ap[:, sl] = (average_precision_from_ranks(flat, n_rel_all) * 100).reshape(shape)
+            p, r = precision_recall_at_k(flat, n_rel_all, self.ks)
+            prec[:, sl], rec[:, sl] = (p * 100).reshape(*shape, -1), (r * 100).reshape(*shape, -1)
+        return idx_chunk, np.round(ap, 2), np.round(prec, 2), np.round(rec, 2)
+
+
 def evaluate_pairs(
     db: np.ndarray,
     text_feats: np.ndarray,
@@ -548,9 +634,10 @@ def evaluate_pairs(
     (shared by ``workers`` threads: numpy's sort and search, BLAS and torch release the GIL).
     Per chunk, the image similarities are one matrix product, normalized once for every λ and
     sorted once per query image; text similarities once per attribute. Then ``block`` pairs at
-    a time: rankings that depend on one modality only reuse those sorted rows; fused scores
-    are computed into reused buffers and sorted while in cache; and only each relevant item's
-    rank is looked up (:func:`rscir.bench.metrics.ranks_in_sorted_rows`)."""
+    a time: rankings that depend on one modality only reuse those sorted rows; fused scores are
+    computed into reused buffers and sorted while in cache (only the items at or above the
+    pair's lowest relevant score); and only each relevant item's rank is looked up
+    (:func:`rscir.bench.metrics.ranks_in_sorted_rows`)."""
     db = _as_float32(db)
     n = db.shape[0]
     if n < 2:
@@ -569,20 +656,22 @@ def evaluate_pairs(
     if n_pairs == 0:
         return out
     block = max(1, int(block))
-    kinds = {c: _ranking_of(c) for c in configs}
-    need_norm = any(c.method == "weicom" and kinds[c] == "fused" for c in configs)
+    configs = list(configs)
+    kinds = [_ranking_of(c) for c in configs]
+    need_norm = any(c.method == "weicom" and k == "fused" for c, k in zip(configs, kinds,
+                                                                          strict=True))
     if need_norm and moments is None:
         moments = ArchiveMoments.of(db)
     raw_t = text_feats @ db.T
     norm_t = normalize_cdf(raw_t, moments.query_stats(text_feats)) if need_norm else None
-    sorted_t = sort_rows(raw_t) if "text" in kinds.values() else None
-    rel = _Relevance.of(pairs.relevant)
-    m_max = rel.longest
+    order = np.argsort(pairs.query, kind="stable")
+    job = _Job(db, pairs.query, pairs.text, pairs.group, order, _Relevance.of(pairs.relevant),
+               raw_t, norm_t, sort_rows(raw_t) if "text" in kinds else None,
+               moments if need_norm else None, configs, kinds, tuple(ks), block)
 
     # Chunks of whole queries: per chunk ~3 float32 (queries × N) matrices (raw, normalized and
     # sorted image similarities) plus a worker's ~7 (block × N) buffers.
     workers = max(1, int(workers))
-    order = np.argsort(pairs.query, kind="stable")
     q_sorted = pairs.query[order]
     max_pairs = max(1, int(memory_cap // workers // (4 * 4 * n)) - 8 * block)
     starts = np.flatnonzero(np.r_[True, q_sorted[1:] != q_sorted[:-1]])
@@ -591,83 +680,35 @@ def evaluate_pairs(
         if s - bounds[-1] >= max_pairs:
             bounds.append(int(s))
     bounds.append(n_pairs)
-
-    local = threading.local()  # each worker thread's _Buffers
-
-    def run_chunk(lo: int, hi: int) -> None:
-        if not hasattr(local, "bufs"):
-            local.bufs = _Buffers(n)
-        scratch = local.bufs
-        idx_chunk = order[lo:hi]
-        uq, qi_chunk = np.unique(pairs.query[idx_chunk], return_inverse=True)
-        s_img = np.matmul(db[uq], db.T, out=scratch.get("raw", len(uq)))
-        img = _ImageRows(s_img, moments.query_stats(db[uq]) if need_norm else None,
-                         "image" in kinds.values(), scratch)
-        n_img, sorted_img = img.norm, img.sorted
-        for b in range(0, hi - lo, block):
-            sl = slice(b, min(b + block, hi - lo))
-            idx, qi = idx_chunk[sl], qi_chunk[sl]
-            img.ready(int(qi[-1]) + 1)  # pairs are in query order
-            ti = pairs.text[idx]
-            cols, rstarts = rel.lists(pairs.group[idx])
-            n_rel = np.diff(rstarts)
-            pair_of = np.repeat(np.arange(len(idx)), n_rel)
-            slot = np.arange(len(cols)) - rstarts[pair_of]
-            has = n_rel > 0
-            seg_starts = rstarts[:-1][has]
-            gathered: set[str] = set()
-
-            def rows(kind: str, qi=qi, ti=ti, gathered=gathered) -> np.ndarray:
-                buf = scratch.get(kind, len(qi))
-                if kind not in gathered:  # once per block, shared by every λ
-                    src = {"si": s_img, "ni": n_img, "st": raw_t, "nt": norm_t}[kind]
-                    # mode="clip": with the default "raise" numpy buffers ``out`` (a copy)
-                    np.take(src, qi if kind[1] == "i" else ti, axis=0, out=buf, mode="clip")
-                    gathered.add(kind)
-                return buf
-
-            # Every configuration's ranks in one padded matrix, AP/P/R computed once per block.
-            padded = np.full((len(configs), len(idx), m_max), n + 1, np.int64)
-            for ci, c in enumerate(configs):
-                if kinds[c] == "image":
-                    ranks = ranks_in_sorted_rows(s_img, sorted_img, qi, cols, rstarts)
-                elif kinds[c] == "text":
-                    ranks = ranks_in_sorted_rows(raw_t, sorted_t, ti, cols, rstarts)
-                else:
-                    fused = _fused_scores(c, rows, scratch.get("fused", len(idx)),
-                                          scratch.get("tmp", len(idx)))
-                    # Items below a pair's lowest relevant score never outrank a relevant item.
-                    floors = np.full(len(idx), np.inf, np.float32)
-                    floors[has] = np.minimum.reduceat(fused[pair_of, cols], seg_starts)
-                    srt = scratch.get("sorted", len(idx))
-                    kept = sort_rows_above(fused, floors, srt)
-                    ranks = ranks_in_sorted_rows(fused, srt, np.arange(len(idx)), cols, rstarts,
-                                                 kept)
-                padded[ci, pair_of, slot] = ranks
-            flat = padded.reshape(-1, m_max)  # rows are independent: same values as one by one
-            n_rel_all = np.tile(n_rel, len(configs))
-            ap = np.round(average_precision_from_ranks(flat, n_rel_all) * 100, 2)
-            prec, rec = precision_recall_at_k(flat, n_rel_all, ks)
-            prec, rec = np.round(prec * 100, 2), np.round(rec * 100, 2)
-            for ci, c in enumerate(configs):
-                rs = slice(ci * len(idx), (ci + 1) * len(idx))
-                m = out[c]
-                m.ap[idx], m.precision[idx], m.recall[idx] = ap[rs], prec[rs], rec[rs]
-            if progress is not None:
-                progress(len(idx))
-
     spans = list(zip(bounds[:-1], bounds[1:], strict=True))
+
+    def collect(res: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> None:
+        idx, ap, prec, rec = res
+        for ci, c in enumerate(configs):
+            out[c].ap[idx], out[c].precision[idx], out[c].recall[idx] = ap[ci], prec[ci], rec[ci]
+        if progress is not None:
+            progress(len(idx))
+
     # torch (normalization) single-threaded: its OpenMP barriers on a block of rows cost ~10 ms
     # each when the cores are busy (measured: 5.3 s vs 0.07 s for 512 rows in blocks of 8).
     with _torch_threads(1):
         if workers == 1 or len(spans) == 1:
+            bufs = _Buffers(n)
             for lo, hi in spans:
-                run_chunk(lo, hi)
+                collect(job.score(lo, hi, bufs))
         else:
-            # One BLAS/OpenMP thread per worker: the workers already use every core.
+            local = threading.local()  # each worker thread's buffers
+
+            def task(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                if not hasattr(local, "bufs"):
+                    local.bufs = _Buffers(n)
+                return job.score(lo, hi, local.bufs)
+
+            # One BLAS/OpenMP thread per worker: the workers already use every core. (Forked
+            # processes instead of threads measured the same: the GIL is not what limits.)
             with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
-                for f in [pool.submit(run_chunk, lo, hi) for lo, hi in spans]:
-                    f.result()
+                for f in [pool.submit(task, lo, hi) for lo, hi in spans]:
+                    collect(f.result())
     return out
 
 
