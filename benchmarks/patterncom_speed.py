@@ -104,11 +104,14 @@ def cpu_seconds() -> float:
                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def timed(fn, *args, **kw) -> tuple[PatternComResult, float, float]:
-    """The result, wall seconds and CPU seconds (all threads and worker processes)."""
-    cpu, wall = cpu_seconds(), time.perf_counter()
+def timed(fn, *args, **kw) -> tuple[PatternComResult, float, float, str]:
+    """The result, wall seconds, CPU seconds (all threads and worker processes) and the 1-min
+    load average before → after (on a shared machine, other jobs' load changes the wall
+    time of both evaluations; the CPU seconds vary much less)."""
+    load0, cpu, wall = os.getloadavg()[0], cpu_seconds(), time.perf_counter()
     res = fn(*args, **kw)
-    return res, time.perf_counter() - wall, cpu_seconds() - cpu
+    return (res, time.perf_counter() - wall, cpu_seconds() - cpu,
+            f"load {load0:.1f}→{os.getloadavg()[0]:.1f}")
 
 
 def differences(a: PatternComResult, b: PatternComResult) -> int:
@@ -123,12 +126,14 @@ def differences(a: PatternComResult, b: PatternComResult) -> int:
 
 
 def compare(name: str, units: int, new: tuple, old: tuple | None) -> None:
-    res, wall, cpu = new
-    line = f"{name}: {wall:.1f}s wall, {cpu:.1f} CPU s ({units / wall:.0f} pair-configs/s)"
+    res, wall, cpu, load = new
+    line = (f"{name}: {wall:.1f}s wall, {cpu:.1f} CPU s ({units / wall:.0f} pair-configs/s, "
+            f"{load})")
     if old is not None:
-        ores, owall, ocpu = old
-        line += (f"; previous {owall:.1f}s wall, {ocpu:.1f} CPU s → {owall / wall:.1f}× wall, "
-                 f"{ocpu / cpu:.1f}× CPU; entries differing: {differences(res, ores)}")
+        ores, owall, ocpu, oload = old
+        line += (f"; previous {owall:.1f}s wall, {ocpu:.1f} CPU s ({oload}) → "
+                 f"{owall / wall:.1f}× wall, {ocpu / cpu:.1f}× CPU; "
+                 f"entries differing: {differences(res, ores)}")
     print(line, flush=True)
 
 

@@ -558,8 +558,10 @@ class _Job:
         idx_chunk = self.order[lo:hi]
         uq, qi_chunk = np.unique(self.query[idx_chunk], return_inverse=True)
         s_img = np.matmul(db[uq], db.T, out=bufs.get("raw", len(uq)))
-        stats = self.moments.query_stats(db[uq]) if self.norm_t is not None else None
-        assert self.moments is not None or stats is None
+        stats = None
+        if self.norm_t is not None:  # WeiCom at some 0 < λ < 1: normalized rows needed
+            assert self.moments is not None
+            stats = self.moments.query_stats(db[uq])
         img = _ImageRows(s_img, stats, "image" in kinds, bufs)
         n_img, sorted_img = img.norm, img.sorted
         n_c, n_p = len(configs), hi - lo
@@ -583,6 +585,7 @@ class _Job:
                 buf = bufs.get(kind, len(qi))
                 if kind not in gathered:  # once per block, shared by every λ
                     src = {"si": s_img, "ni": n_img, "st": self.raw_t, "nt": self.norm_t}[kind]
+                    assert src is not None
                     # mode="clip": with the default "raise" numpy buffers ``out`` (a copy)
                     np.take(src, qi if kind[1] == "i" else ti, axis=0, out=buf, mode="clip")
                     gathered.add(kind)
@@ -592,8 +595,10 @@ class _Job:
             padded = np.full((n_c, len(idx), m_max), n + 1, np.int64)
             for ci, c in enumerate(configs):
                 if kinds[ci] == "image":
+                    assert sorted_img is not None
                     ranks = ranks_in_sorted_rows(s_img, sorted_img, qi, cols, rstarts)
                 elif kinds[ci] == "text":
+                    assert self.sorted_t is not None
                     ranks = ranks_in_sorted_rows(self.raw_t, self.sorted_t, ti, cols, rstarts)
                 else:
                     fused = _fused_scores(c, rows, bufs.get("fused", len(idx)),
@@ -660,10 +665,11 @@ def evaluate_pairs(
     kinds = [_ranking_of(c) for c in configs]
     need_norm = any(c.method == "weicom" and k == "fused" for c, k in zip(configs, kinds,
                                                                           strict=True))
-    if need_norm and moments is None:
-        moments = ArchiveMoments.of(db)
     raw_t = text_feats @ db.T
-    norm_t = normalize_cdf(raw_t, moments.query_stats(text_feats)) if need_norm else None
+    norm_t = None
+    if need_norm:
+        moments = moments if moments is not None else ArchiveMoments.of(db)
+        norm_t = normalize_cdf(raw_t, moments.query_stats(text_feats))
     order = np.argsort(pairs.query, kind="stable")
     job = _Job(db, pairs.query, pairs.text, pairs.group, order, _Relevance.of(pairs.relevant),
                raw_t, norm_t, sort_rows(raw_t) if "text" in kinds else None,
