@@ -513,9 +513,9 @@ def archive_from_store(store_dir: str | os.PathLike[str], rows: np.ndarray | Non
     """A store's embeddings (memory-mapped) and moments; with ``rows`` only those rows (then
     the moments are recomputed over them: they define the archive)."""
     from ..moments import ArchiveMoments
-    from ..stores.directory import Store
+    from ..stores.uri import open_store
 
-    st = Store.open(store_dir)
+    st = open_store(store_dir)
     emb = st.embeddings
     paths = st.items["path"].astype(str).tolist()
     if rows is None:

@@ -112,6 +112,111 @@ def _equal_before(
     return out
 
 
+def sort_rows(scores: np.ndarray, out: np.ndarray | None = None, rows: int = 8) -> np.ndarray:
+    """``np.sort(scores, axis=1)``, copied and sorted a few rows at a time so each row is sorted
+    while it is still in cache (at 30,000 columns a 128-row ``np.sort`` is ~2× slower per row).
+    ``out`` may be a preallocated array of the same shape."""
+    s = np.asarray(scores)
+    out = np.empty_like(s) if out is None else out
+    for i in range(0, s.shape[0], rows):
+        blk = out[i : i + rows]
+        np.copyto(blk, s[i : i + rows])
+        blk.sort(axis=1)
+    return out
+
+
+def sort_rows_above(
+    scores: np.ndarray, floors: np.ndarray, out: np.ndarray, *, full_above: float = 0.4
+) -> np.ndarray:
+    """Each row's scores that are ``>= floors[row]``, sorted ascending into the start of
+    ``out[row]``; returns how many (the sorted length of each row).
+
+    Exists because AP needs only the ranks of relevant items: with ``floors`` the lowest
+    relevant score of each row, every item below it is outranked by all relevant items, so it
+    never enters a rank and need not be sorted. Where a good method ranks all relevant items in
+    the top few percent this sorts a few percent of the row. Rows where more than
+    ``full_above`` of the items are kept are sorted whole (selecting them costs more than it
+    saves); their sorted length is the row length."""
+    n = scores.shape[1]
+    lengths = np.zeros(scores.shape[0], np.int64)
+    for i, floor in enumerate(np.asarray(floors, scores.dtype).tolist()):
+        row, dst = scores[i], out[i]
+        keep = row >= floor  # exact: the floor is one of the row's own (float32) scores
+        k = np.count_nonzero(keep)  # per row: count_nonzero(axis=1) is ~5× slower
+        if k == 0:
+            continue
+        if k > full_above * n:
+            k = n
+            np.copyto(dst, row)
+        else:
+            dst = dst[:k]
+            np.compress(keep, row, out=dst)
+        dst.sort()
+        lengths[i] = k
+    return lengths
+
+
+def ranks_in_sorted_rows(
+    scores: np.ndarray,
+    sorted_scores: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray | None = None,
+) -> np.ndarray:
+    """1-based ranks, in a stable descending order, of ragged lists of items: list ``p`` is
+    ``cols[starts[p]:starts[p+1]]`` in score row ``rows[p]``. Returns a flat array like ``cols``
+    whose ``p``-th segment holds the ranks of list ``p``, in no particular order (AP and P/R@k
+    only need the set of ranks).
+
+    ``sorted_scores`` is ``np.sort(scores, axis=1)``, or with ``lengths`` its rows' first
+    ``lengths[row]`` entries hold every score ``>=`` the lowest listed score of the row, sorted
+    (:func:`sort_rows_above`). The same ranks as :func:`relevant_ranks` without padding every
+    list to the longest: each list's values are sorted (so numpy's binary search walks the sorted
+    row forward) and located in the sorted row; items with an exactly equal score elsewhere in
+    the row get the stable tie rule (equal items in lower columns rank first), counted on the
+    unsorted row for those items only."""
+    n = scores.shape[1]
+    rows = np.asarray(rows, dtype=np.int64)
+    starts = np.asarray(starts, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    sizes = np.diff(starts)
+    total = int(starts[-1]) if len(starts) else 0
+    if total == 0:
+        return np.zeros(0, np.int64)
+    pair = np.repeat(np.arange(len(rows)), sizes)
+    row_of = rows[pair]
+    vals = scores[row_of, cols]
+    order = _by_list_then_value(pair, vals)
+    vals, cols = vals[order], cols[order]
+    width = np.full(len(rows), n, np.int64) if lengths is None else np.asarray(lengths)[rows]
+    right = np.empty(total, np.int64)
+    bounds = starts.tolist()
+    for p, (r, w) in enumerate(zip(rows.tolist(), width.tolist(), strict=True)):
+        a, b = bounds[p], bounds[p + 1]
+        if b > a:
+            right[a:b] = sorted_scores[r, :w].searchsorted(vals[a:b], side="right")
+    ranks = width[pair] - right + 1  # 1 + items scoring strictly higher (the item is at right-1)
+    # Another item has exactly this score iff right-2 holds it too; then equal items in lower
+    # columns rank first (counted on the unsorted row, for these items only: ties are rare).
+    tied = np.flatnonzero(right >= 2)
+    tied = tied[sorted_scores[row_of[tied], right[tied] - 2] == vals[tied]]
+    for i in tied:
+        ranks[i] += np.count_nonzero(scores[row_of[i], : cols[i]] == vals[i])
+    return ranks
+
+
+def _by_list_then_value(pair: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """Order of entries by (list, value). For float32, an argsort of int64 keys (list index over
+    the value's order-preserving bits), ~5× faster than ``np.lexsort``."""
+    if vals.dtype != np.float32:
+        return np.lexsort((vals, pair))
+    u = vals.view(np.int32)
+    key = (u ^ ((u >> 31) & 0x7FFFFFFF)).astype(np.int64) + (1 << 31)  # in [0, 2**32)
+    key |= pair.astype(np.int64) << 32
+    return np.argsort(key)
+
+
 def average_precision_from_ranks(ranks: np.ndarray, n_relevant: np.ndarray) -> np.ndarray:
     """AP in [0, 1] per row from the ranks of all relevant items (padding ranks > N); 0 when a
     query has no relevant item. AP = mean over relevant items of (relevant up to it) / rank."""

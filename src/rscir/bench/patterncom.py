@@ -22,12 +22,15 @@ Rules (the issue's wording is authoritative; they match the reference ``evaluate
   strictly increasing), so those rankings are used: float32 Φ saturates at 1 for z > 5.4, which
   would otherwise tie the best matches arbitrarily.
 
-Why it is fast: similarities are computed in float32 chunks under a memory cap; WeiCom's
-normalized image/text similarities are computed once per chunk and reused for every λ; rankings
-that do not depend on the text (image only) or on the image (text only) are sorted once per image
-or text; and AP needs only the ranks of relevant items (:func:`rscir.bench.metrics.relevant_ranks`).
-Ties are broken by database order (a stable descending sort); the reference's GPU ``argsort``
-breaks them arbitrarily.
+Why it is fast: AP, P@k and R@k need only the rank of each relevant item, i.e. how many items
+score higher (plus the tie rule), so no ranking is materialized. Image similarities are one
+float32 matrix product per chunk of query images (the same product and normalization as
+before, so every score is bit-identical), normalized once for every λ; rankings that do not
+depend on the text (image only) or on the image (text only) are sorted once per image or text;
+fused rows are computed into reused buffers a few pairs at a time and sorted while in cache
+(numpy's SIMD sort); each relevant item's rank is then a binary search in its sorted row
+(:func:`rscir.bench.metrics.ranks_in_sorted_rows`). Ties are broken by database order (a stable
+descending sort); the reference's GPU ``argsort`` breaks them arbitrarily.
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ import logging
 import os
 import pickle
 import re
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +59,13 @@ from threadpoolctl import threadpool_limits
 from ..errors import UntrustedFileError
 from ..moments import ArchiveMoments
 from ..scoring import METHODS, QueryStats, check_lam, check_method, fuse
-from .metrics import average_precision_from_ranks, precision_recall_at_k, relevant_ranks
+from .metrics import (
+    average_precision_from_ranks,
+    precision_recall_at_k,
+    ranks_in_sorted_rows,
+    sort_rows,
+    sort_rows_above,
+)
 
 log = logging.getLogger(__name__)
 
@@ -300,17 +311,24 @@ def parse_lams(specs: Sequence[str] | str) -> list[float]:
     return list(dict.fromkeys(out))
 
 
-def normalize_cdf(sims: np.ndarray, stats: QueryStats) -> np.ndarray:
+def normalize_cdf(
+    sims: np.ndarray, stats: QueryStats, out: np.ndarray | None = None
+) -> np.ndarray:
     """WeiCom's per-query normalization Φ((s − mean)/std) as the reference computes it,
-    ``0.5·(1 + erf(z/√2))`` in float32 (returns a new array). Hand-written instead of
+    ``0.5·(1 + erf(z/√2))`` in float32 (into ``out``, else a new array). Hand-written instead of
     :func:`rscir.scoring.norm_cdf` (scipy's ``ndtr``) because torch's vectorized ``erf`` is ~10×
-    faster here and is the reference's formula; the two agree to float32 rounding."""
-    out = torch.from_numpy(np.array(sims, dtype=np.float32, copy=True))
+    faster here and is the reference's formula; the two agree to float32 rounding. Elementwise:
+    a block of rows gives the same bits as the whole matrix (the tests check it)."""
+    if out is None:
+        out = np.array(sims, dtype=np.float32, copy=True)
+    else:
+        np.copyto(out, sims)
+    t = torch.from_numpy(out)
     std = np.where(stats.std > 0, stats.std, 1.0) * np.sqrt(2.0)
-    out.sub_(torch.from_numpy(np.asarray(stats.mean, dtype=np.float32)))
-    out.div_(torch.from_numpy(std.astype(np.float32)))
-    out.erf_().add_(1.0).mul_(0.5)
-    return out.numpy()
+    t.sub_(torch.from_numpy(np.asarray(stats.mean, dtype=np.float32)))
+    t.div_(torch.from_numpy(std.astype(np.float32)))
+    t.erf_().add_(1.0).mul_(0.5)
+    return out
 
 
 def weicom_from_normalized(ni: np.ndarray, nt: np.ndarray, lam: float) -> np.ndarray:
@@ -406,18 +424,203 @@ def _as_float32(x: np.ndarray) -> np.ndarray:
     return a
 
 
+def _ranking_of(c: Config) -> str:
+    """``image``/``text`` when a configuration ranks exactly as the raw image/text similarities
+    (WeiCom at λ = 0/1: Φ and the per-query standardization are strictly increasing), else
+    ``fused``."""
+    lam = c.lam if c.lam is not None else 0.5
+    if c.method == "image" or (c.method == "weicom" and lam == 0.0):
+        return "image"
+    if c.method == "text" or (c.method == "weicom" and lam == 1.0):
+        return "text"
+    return "fused"
+
+
+@dataclass(frozen=True)
+class _Relevance:
+    """The relevant database rows of every group as one flat array: group ``g``'s are
+    ``cols[starts[g]:starts[g+1]]``."""
+
+    cols: np.ndarray
+    starts: np.ndarray
+
+    @classmethod
+    def of(cls, relevant: Sequence[np.ndarray]) -> _Relevance:
+        counts = np.array([len(r) for r in relevant], dtype=np.int64)
+        cols = np.concatenate([np.asarray(r, np.int64) for r in relevant]) if relevant else None
+        return cls(cols if cols is not None else np.zeros(0, np.int64),
+                   np.r_[0, np.cumsum(counts)].astype(np.int64))
+
+    @property
+    def longest(self) -> int:
+        return int(np.diff(self.starts).max()) if len(self.starts) > 1 else 0
+
+    def lists(self, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ragged lists (``cols``, ``starts``) of a sequence of groups."""
+        lengths = self.starts[groups + 1] - self.starts[groups]
+        starts = np.zeros(len(groups) + 1, np.int64)
+        np.cumsum(lengths, out=starts[1:])
+        src = np.repeat(self.starts[groups] - starts[:-1], lengths) + np.arange(starts[-1])
+        return self.cols[src], starts
+
+
+class _Buffers:
+    """Float32 (rows, N) arrays of one worker, reused across chunks and blocks: a fresh array
+    of a chunk's image similarities is hundreds of MB whose first touch costs a page fault
+    every 4 KB (seconds of system time over a run), and fresh (block, N) arrays per block and
+    configuration also miss the cache."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, rows: int) -> np.ndarray:
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[0] < rows:
+            buf = self._bufs[name] = np.empty((rows, self.n), np.float32)
+        return buf[:rows]
+
+
+class _ImageRows:
+    """A chunk's image similarity rows (one per query image) with their WeiCom normalization
+    and sorted copy, made a few rows at a time just before the pairs that need them (in query
+    order), while the rows are in cache: over the whole chunk at once these passes stream
+    hundreds of MB through memory each."""
+
+    def __init__(
+        self, sims: np.ndarray, stats: QueryStats | None, need_sorted: bool, bufs: _Buffers
+    ) -> None:
+        self.raw, self.stats = sims, stats
+        q = sims.shape[0]
+        self.norm = bufs.get("norm", q) if stats is not None else None
+        self.sorted = bufs.get("sorted_img", q) if need_sorted else None
+        self.done = 0
+
+    def ready(self, upto: int, step: int = 8) -> None:
+        """Normalize and sort rows ``[done, upto)``."""
+        for a in range(self.done, upto, step):
+            b = min(a + step, upto)
+            if self.norm is not None:
+                assert self.stats is not None
+                normalize_cdf(self.raw[a:b], QueryStats(self.stats.mean[a:b], self.stats.std[a:b]),
+                              out=self.norm[a:b])
+            if self.sorted is not None:
+                sort_rows(self.raw[a:b], out=self.sorted[a:b])
+        self.done = max(self.done, upto)
+
+
+def _fused_scores(
+    c: Config, rows: Callable[[str], np.ndarray], out: np.ndarray, tmp: np.ndarray
+) -> np.ndarray:
+    """A block's fused scores written into ``out``, with exactly the float32 arithmetic of
+    :func:`rscir.scoring.fuse` (average ``(a + b) / 2``) and :func:`weicom_from_normalized`;
+    ``rows(kind)`` gives the block's raw (``si``/``st``) or normalized (``ni``/``nt``) rows."""
+    lam = c.lam if c.lam is not None else 0.5
+    if c.method == "weicom":
+        np.multiply(rows("ni"), 1.0 - lam, out=out)
+        np.multiply(rows("nt"), lam, out=tmp)
+        out += tmp
+    elif c.method == "average":
+        np.add(rows("si"), rows("st"), out=out)
+        np.divide(out, 2, out=out)
+    elif c.method == "sum":
+        np.add(rows("si"), rows("st"), out=out)
+    elif c.method == "product":
+        np.multiply(rows("si"), rows("st"), out=out)
+    else:
+        out[...] = fuse(c.method, rows("si"), rows("st"), lam)
+    return out
+
+
 @dataclass
-class _TextSims:
-    """Similarities of every text to the database, raw and WeiCom-normalized, with sorted rows."""
+class _Job:
+    """Everything a worker needs to score chunks of pairs."""
 
-    raw: np.ndarray
-    norm: np.ndarray | None
-    _sorted: dict[str, np.ndarray] = field(default_factory=dict)
+    db: np.ndarray
+    query: np.ndarray  # (P,) database row of each pair's query image
+    text: np.ndarray  # (P,) text index of each pair
+    group: np.ndarray  # (P,) relevance group of each pair
+    order: np.ndarray  # pairs sorted by query image (chunks are ranges of it)
+    rel: _Relevance
+    raw_t: np.ndarray
+    norm_t: np.ndarray | None
+    sorted_t: np.ndarray | None
+    moments: ArchiveMoments | None
+    configs: list[Config]
+    kinds: list[str]
+    ks: tuple[int, ...]
+    block: int
 
-    def sorted(self, which: str) -> np.ndarray:
-        if which not in self._sorted:
-            self._sorted[which] = np.sort(self.raw if which == "raw" else self.norm, axis=1)
-        return self._sorted[which]
+    def score(
+        self, lo: int, hi: int, bufs: _Buffers
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Pairs ``order[lo:hi]`` (whole query images): their indices and per configuration
+        AP (C, P), P@k and R@k (C, P, len(ks)) in percent, rounded to 2 decimals."""
+        db, n, block, configs, kinds = self.db, self.db.shape[0], self.block, self.configs, self.kinds
+        m_max = self.rel.longest
+        idx_chunk = self.order[lo:hi]
+        uq, qi_chunk = np.unique(self.query[idx_chunk], return_inverse=True)
+        s_img = np.matmul(db[uq], db.T, out=bufs.get("raw", len(uq)))
+        stats = None
+        if self.norm_t is not None:  # WeiCom at some 0 < λ < 1: normalized rows needed
+            assert self.moments is not None
+            stats = self.moments.query_stats(db[uq])
+        img = _ImageRows(s_img, stats, "image" in kinds, bufs)
+        n_img, sorted_img = img.norm, img.sorted
+        n_c, n_p = len(configs), hi - lo
+        ap = np.zeros((n_c, n_p))
+        prec = np.zeros((n_c, n_p, len(self.ks)))
+        rec = np.zeros((n_c, n_p, len(self.ks)))
+        for b in range(0, n_p, block):
+            sl = slice(b, min(b + block, n_p))
+            idx, qi = idx_chunk[sl], qi_chunk[sl]
+            img.ready(int(qi[-1]) + 1)  # pairs are in query order
+            ti = self.text[idx]
+            cols, rstarts = self.rel.lists(self.group[idx])
+            n_rel = np.diff(rstarts)
+            pair_of = np.repeat(np.arange(len(idx)), n_rel)
+            slot = np.arange(len(cols)) - rstarts[pair_of]
+            has = n_rel > 0
+            seg_starts = rstarts[:-1][has]
+            gathered: set[str] = set()
+
+            def rows(kind: str, qi=qi, ti=ti, gathered=gathered) -> np.ndarray:
+                buf = bufs.get(kind, len(qi))
+                if kind not in gathered:  # once per block, shared by every λ
+                    src = {"si": s_img, "ni": n_img, "st": self.raw_t, "nt": self.norm_t}[kind]
+                    assert src is not None
+                    # mode="clip": with the default "raise" numpy buffers ``out`` (a copy)
+                    np.take(src, qi if kind[1] == "i" else ti, axis=0, out=buf, mode="clip")
+                    gathered.add(kind)
+                return buf
+
+            # Every configuration's ranks in one padded matrix, AP/P/R computed once per block.
+            padded = np.full((n_c, len(idx), m_max), n + 1, np.int64)
+            for ci, c in enumerate(configs):
+                if kinds[ci] == "image":
+                    assert sorted_img is not None
+                    ranks = ranks_in_sorted_rows(s_img, sorted_img, qi, cols, rstarts)
+                elif kinds[ci] == "text":
+                    assert self.sorted_t is not None
+                    ranks = ranks_in_sorted_rows(self.raw_t, self.sorted_t, ti, cols, rstarts)
+                else:
+                    fused = _fused_scores(c, rows, bufs.get("fused", len(idx)),
+                                          bufs.get("tmp", len(idx)))
+                    # Items below a pair's lowest relevant score never outrank a relevant item.
+                    floors = np.full(len(idx), np.inf, np.float32)
+                    floors[has] = np.minimum.reduceat(fused[pair_of, cols], seg_starts)
+                    srt = bufs.get("sorted", len(idx))
+                    kept = sort_rows_above(fused, floors, srt)
+                    ranks = ranks_in_sorted_rows(fused, srt, np.arange(len(idx)), cols, rstarts,
+                                                 kept)
+                padded[ci, pair_of, slot] = ranks
+            flat = padded.reshape(-1, m_max)  # rows are independent: same values as one by one
+            n_rel_all = np.tile(n_rel, n_c)
+            shape = (n_c, len(idx))
+            ap[:, sl] = (average_precision_from_ranks(flat, n_rel_all) * 100).reshape(shape)
+            p, r = precision_recall_at_k(flat, n_rel_all, self.ks)
+            prec[:, sl], rec[:, sl] = (p * 100).reshape(*shape, -1), (r * 100).reshape(*shape, -1)
+        return idx_chunk, np.round(ap, 2), np.round(prec, 2), np.round(rec, 2)
 
 
 def evaluate_pairs(
@@ -428,7 +631,7 @@ def evaluate_pairs(
     *,
     ks: Sequence[int] = KS,
     memory_cap: int = DEFAULT_MEMORY_CAP,
-    block: int = 128,
+    block: int = 16,
     workers: int = 1,
     moments: ArchiveMoments | None = None,
     progress: Callable[[int], None] | None = None,
@@ -436,8 +639,13 @@ def evaluate_pairs(
     """Metrics of every pair for every configuration. ``text_feats`` (len(pairs.texts), d).
 
     Pairs are grouped by query image into chunks whose similarity matrices fit ``memory_cap``
-    (shared by ``workers`` threads: numpy's sort, BLAS and torch release the GIL), and scored in
-    blocks of ``block`` pairs."""
+    (shared by ``workers`` threads: numpy's sort and search, BLAS and torch release the GIL).
+    Per chunk, the image similarities are one matrix product, normalized once for every λ and
+    sorted once per query image; text similarities once per attribute. Then ``block`` pairs at
+    a time: rankings that depend on one modality only reuse those sorted rows; fused scores are
+    computed into reused buffers and sorted while in cache (only the items at or above the
+    pair's lowest relevant score); and only each relevant item's rank is looked up
+    (:func:`rscir.bench.metrics.ranks_in_sorted_rows`)."""
     db = _as_float32(db)
     n = db.shape[0]
     if n < 2:
@@ -455,106 +663,73 @@ def evaluate_pairs(
     }
     if n_pairs == 0:
         return out
-    need_norm = any(c.method == "weicom" and c.lam not in (0.0, 1.0) for c in configs)
-    if need_norm and moments is None:
-        moments = ArchiveMoments.of(db)
+    block = max(1, int(block))
+    configs = list(configs)
+    kinds = [_ranking_of(c) for c in configs]
+    need_norm = any(c.method == "weicom" and k == "fused" for c, k in zip(configs, kinds,
+                                                                          strict=True))
     raw_t = text_feats @ db.T
-    tsims = _TextSims(
-        raw_t, normalize_cdf(raw_t, moments.query_stats(text_feats)) if need_norm else None
-    )
-    if any(c.method == "text" or (c.method == "weicom" and c.lam == 1.0) for c in configs):
-        tsims.sorted("raw")  # shared by all threads: sort before they start
-
-    counts = np.array([len(r) for r in pairs.relevant], dtype=np.int64)
-    m_max = int(counts.max()) if len(counts) else 0
-    rel_cols = np.zeros((len(counts), m_max), np.int64)
-    for g, r in enumerate(pairs.relevant):
-        rel_cols[g, : len(r)] = r
-    rel_valid = np.arange(m_max)[None, :] < counts[:, None]
-
-    # Chunks of whole queries: per chunk ~4 float32 (pairs × N) matrices (raw, normalized and
-    # sorted image similarities, plus a block's fused scores).
-    workers = max(1, int(workers))
+    norm_t = None
+    if need_norm:
+        moments = moments if moments is not None else ArchiveMoments.of(db)
+        norm_t = normalize_cdf(raw_t, moments.query_stats(text_feats))
     order = np.argsort(pairs.query, kind="stable")
+    job = _Job(db, pairs.query, pairs.text, pairs.group, order, _Relevance.of(pairs.relevant),
+               raw_t, norm_t, sort_rows(raw_t) if "text" in kinds else None,
+               moments if need_norm else None, configs, kinds, tuple(ks), block)
+
+    # Chunks of whole queries: per chunk ~3 float32 (queries × N) matrices (raw, normalized and
+    # sorted image similarities) plus a worker's ~7 (block × N) buffers.
+    workers = max(1, int(workers))
     q_sorted = pairs.query[order]
-    max_pairs = max(1, int(memory_cap // workers // (4 * 4 * n)) - block)
+    max_pairs = max(1, int(memory_cap // workers // (4 * 4 * n)) - 8 * block)
     starts = np.flatnonzero(np.r_[True, q_sorted[1:] != q_sorted[:-1]])
     bounds = [0]
     for s in starts[1:]:
         if s - bounds[-1] >= max_pairs:
             bounds.append(int(s))
     bounds.append(n_pairs)
-
-    def run_chunk(lo: int, hi: int) -> None:
-        idx_chunk = order[lo:hi]
-        uq, qi_chunk = np.unique(pairs.query[idx_chunk], return_inverse=True)
-        s_img = db[uq] @ db.T
-        n_img = normalize_cdf(s_img, moments.query_stats(db[uq])) if need_norm else None
-        img_sorted: dict[str, np.ndarray] = {}
-        for b in range(0, hi - lo, block):
-            sl = slice(b, min(b + block, hi - lo))
-            idx, qi, ti = idx_chunk[sl], qi_chunk[sl], pairs.text[idx_chunk[sl]]
-            gi = pairs.group[idx]
-            cols, valid, n_rel = rel_cols[gi], rel_valid[gi], counts[gi]
-            rows: dict[str, np.ndarray] = {}  # this block's gathered similarity rows
-            for c in configs:
-                ranks = _config_ranks(c, s_img, n_img, img_sorted, rows, tsims, qi, ti, cols,
-                                      valid)
-                ap = average_precision_from_ranks(ranks, n_rel)
-                prec, rec = precision_recall_at_k(ranks, n_rel, ks)
-                m = out[c]
-                m.ap[idx] = np.round(ap * 100, 2)
-                m.precision[idx] = np.round(prec * 100, 2)
-                m.recall[idx] = np.round(rec * 100, 2)
-            if progress is not None:
-                progress(len(idx))
-
     spans = list(zip(bounds[:-1], bounds[1:], strict=True))
-    if workers == 1 or len(spans) == 1:
-        for lo, hi in spans:
-            run_chunk(lo, hi)
-    else:
-        # One BLAS/OpenMP thread per worker: the workers already use every core.
-        with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
-            for f in [pool.submit(run_chunk, lo, hi) for lo, hi in spans]:
-                f.result()
+
+    def collect(res: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> None:
+        idx, ap, prec, rec = res
+        for ci, c in enumerate(configs):
+            out[c].ap[idx], out[c].precision[idx], out[c].recall[idx] = ap[ci], prec[ci], rec[ci]
+        if progress is not None:
+            progress(len(idx))
+
+    # torch (normalization) single-threaded: its OpenMP barriers on a block of rows cost ~10 ms
+    # each when the cores are busy (measured: 5.3 s vs 0.07 s for 512 rows in blocks of 8).
+    with _torch_threads(1):
+        if workers == 1 or len(spans) == 1:
+            bufs = _Buffers(n)
+            for lo, hi in spans:
+                collect(job.score(lo, hi, bufs))
+        else:
+            local = threading.local()  # each worker thread's buffers
+
+            def task(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                if not hasattr(local, "bufs"):
+                    local.bufs = _Buffers(n)
+                return job.score(lo, hi, local.bufs)
+
+            # One BLAS/OpenMP thread per worker: the workers already use every core. (Forked
+            # processes instead of threads measured the same: the GIL is not what limits.)
+            with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
+                for f in [pool.submit(task, lo, hi) for lo, hi in spans]:
+                    collect(f.result())
     return out
 
 
-def _config_ranks(
-    c: Config,
-    s_img: np.ndarray,
-    n_img: np.ndarray | None,
-    img_sorted: dict[str, np.ndarray],
-    rows: dict[str, np.ndarray],
-    tsims: _TextSims,
-    qi: np.ndarray,
-    ti: np.ndarray,
-    cols: np.ndarray,
-    valid: np.ndarray,
-) -> np.ndarray:
-    """Ranks of the relevant items of a block of pairs under one configuration. Rankings that do
-    not depend on the text (image, WeiCom λ=0) or the image (text, WeiCom λ=1) are sorted once
-    per query image or text and shared by all their pairs; WeiCom at λ = 0/1 ranks exactly as the
-    raw similarities (Φ and the per-query standardization are strictly increasing). ``rows``
-    caches the block's gathered similarity rows across configurations (e.g. a λ sweep)."""
-    lam = c.lam if c.lam is not None else 0.5
-    if c.method == "image" or (c.method == "weicom" and lam == 0.0):
-        if "raw" not in img_sorted:
-            img_sorted["raw"] = np.sort(s_img, axis=1)
-        return relevant_ranks(s_img, cols, valid, rows=qi, sorted_scores=img_sorted["raw"])
-    if c.method == "text" or (c.method == "weicom" and lam == 1.0):
-        return relevant_ranks(tsims.raw, cols, valid, rows=ti, sorted_scores=tsims.sorted("raw"))
-    kinds = ("ni", "nt") if c.method == "weicom" else ("si", "st")
-    for kind in kinds:
-        if kind not in rows:
-            src = {"ni": n_img, "nt": tsims.norm, "si": s_img, "st": tsims.raw}[kind]
-            rows[kind] = src[qi if kind[1] == "i" else ti]
-    if c.method == "weicom":
-        fused = weicom_from_normalized(rows["ni"], rows["nt"], lam)
-    else:
-        fused = fuse(c.method, rows["si"], rows["st"], lam)
-    return relevant_ranks(fused, cols, valid)
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count for a while (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -768,10 +943,13 @@ def run_patterncom(
     memory_cap: int = DEFAULT_MEMORY_CAP,
     skip_missing: bool = False,
     workers: int | None = None,
-    block: int = 128,
+    block: int = 16,
     progress: bool = True,
+    evaluator: Callable[..., dict[Config, PairMetrics]] | None = None,
 ) -> PatternComResult:
-    """The full protocol over the attribute CSVs under ``data``."""
+    """The full protocol over the attribute CSVs under ``data``. ``evaluator`` replaces
+    :func:`evaluate_pairs` (same signature), e.g. by the previous implementation in
+    :mod:`rscir.bench.patterncom_baseline` for a before/after comparison."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -804,8 +982,8 @@ def run_patterncom(
             ta = time.perf_counter()
             bar.set_postfix_str(p.attribute)
             tf = tmat[[trow[t] for t in p.texts]] if p.texts else np.zeros((0, feats.shape[1]))
-            metrics = evaluate_pairs(feats, tf, p, configs, ks=ks, memory_cap=memory_cap,
-                                     block=block, workers=workers, moments=moments,
-                                     progress=bar.update)
+            metrics = (evaluator or evaluate_pairs)(
+                feats, tf, p, configs, ks=ks, memory_cap=memory_cap, block=block,
+                workers=workers, moments=moments, progress=bar.update)
             results.append(AttributeResult(p.attribute, p, metrics, time.perf_counter() - ta))
     return PatternComResult(configs, tuple(ks), results, feats.shape[0], time.perf_counter() - t0)

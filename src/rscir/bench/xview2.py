@@ -185,9 +185,9 @@ def archive_for_gallery(store_dir: str | os.PathLike[str], gallery_paths: Sequen
     """The gallery's rows of a store indexed at the xView2 root (paths match the CSV's, or
     else by unique base name); the moments are those of the gallery."""
     from ..moments import ArchiveMoments
-    from ..stores.directory import Store
+    from ..stores.uri import open_store
 
-    st = Store.open(store_dir)
+    st = open_store(store_dir)
     paths = [p.replace(os.sep, "/") for p in st.items["path"].astype(str).tolist()]
     by_path = {p: i for i, p in enumerate(paths)}
     base: dict[str, list[int]] = {}

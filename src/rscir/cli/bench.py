@@ -210,7 +210,7 @@ def _store_and_encoder(a: argparse.Namespace, images: Path, out: Path) -> tuple[
     or the store does not exist yet) and its text encoder."""
     from ..api import index, load_encoder_for_store
     from ..encoders.builtin import default_registry
-    from ..stores.directory import Store
+    from ..stores.directory import DirectoryStore
 
     store_dir = Path(a.store) if a.store else out / "store"
     from_model = a.model is not None or a.arch is not None
@@ -224,7 +224,7 @@ def _store_and_encoder(a: argparse.Namespace, images: Path, out: Path) -> tuple[
             print(f"warning: {len(rep.bad)} image(s) could not be read, e.g. "
                   f"{rep.bad[0].path}: {rep.bad[0].reason}", file=sys.stderr)
         return store_dir, enc
-    with Store.open(store_dir) as st:
+    with DirectoryStore.open(store_dir) as st:
         enc = load_encoder_for_store(st, checkpoint=a.checkpoint, device=a.device)
     return store_dir, enc
 

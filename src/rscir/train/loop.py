@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..encoders.towers import ImageTower, embed_cached, export_tower
+from ..errors import ModelError
 from .data import PairSet, Vocabulary
 from .metrics import evaluate_embeddings
 
@@ -369,6 +370,30 @@ class Trainer:
         txt = self._texts(cap.to(self.device))
         return contrastive_loss(img, txt, self.group_of[cap].to(self.device), self._scale())
 
+    def initial_loss(self) -> float:
+        """Mean loss of the current (untrained) tower on the first epoch's batches, with the
+        captions, crops and dropout that training draws for them, so it compares with the
+        epochs' mean training losses. Nothing is updated: no gradient, and the normalization
+        layers' running statistics are restored (training then follows the same trajectory)."""
+        c = self.config
+        perm = torch.randperm(
+            len(self.train_split), generator=torch.Generator().manual_seed(derive_seed(c.seed, 0))
+        )
+        saved = {k: v.clone() for k, v in self.tower.named_buffers()}
+        was = self.tower.training
+        self.tower.train()
+        losses = []
+        with torch.no_grad():
+            for step in range(self.steps_per_epoch):
+                seed = derive_seed(c.seed, 0, step)
+                torch.manual_seed(seed)
+                gen = torch.Generator().manual_seed(seed)
+                losses.append(float(self._step_batch(perm, step, gen).item()))
+            for k, v in self.tower.named_buffers():
+                v.copy_(saved[k])
+        self.tower.train(was)
+        return float(np.mean(losses))
+
     def fit(
         self,
         *,
@@ -394,7 +419,10 @@ class Trainer:
             self.load_checkpoint(ckpt)
             log.info("resumed from %s at epoch %d step %d", ckpt, self.epoch, self.step)
         if not self.history.rows:
-            row = {"epoch": 0, "loss": float("nan"), "temperature": self.temperature}
+            # Row 0 is the untrained tower. Its loss used to be a NaN placeholder (no step has
+            # run yet), which logged as "epoch 0 | loss nan" and wrote NaN, invalid JSON, to
+            # history.json and metrics.json; it is now measured (see initial_loss).
+            row = {"epoch": 0, "loss": self.initial_loss(), "temperature": self.temperature}
             if self.val is not None:
                 row.update({f"val_{k}": v for k, v in self.evaluate(self.val).items()})
             if self.test is not None:
@@ -422,6 +450,12 @@ class Trainer:
                     for grp in self.optimizer.param_groups:
                         grp["lr"] = self.lr_at(g)
                     loss = self._step_batch(perm, self.step, gen)
+                    if not torch.isfinite(loss):
+                        raise ModelError(
+                            f"training diverged: the loss is {loss.item()} at epoch {e + 1} "
+                            f"step {self.step + 1}; lower --lr (now {c.lr:g}) or raise "
+                            "--temperature"
+                        )
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizer.step()

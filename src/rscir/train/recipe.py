@@ -138,7 +138,7 @@ def train_tower(
     )
 
     def on_epoch(row: dict[str, Any]) -> None:
-        say(format_row(row))
+        say(format_row(row, epochs=config.epochs))
 
     history = trainer.fit(resume=resume, on_epoch=on_epoch)
     final = history.last()
@@ -229,9 +229,17 @@ def _text_device(device: str) -> str:
 KEY_METRICS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2i_mAP", "t2i_strict_R@10")
 
 
-def format_row(row: dict[str, Any], keys: Sequence[str] = KEY_METRICS) -> str:
-    parts = [f"epoch {row['epoch']}", f"loss {row.get('loss', float('nan')):.4f}",
-             f"T {row.get('temperature', float('nan')):.4f}"]
+def format_row(
+    row: dict[str, Any], keys: Sequence[str] = KEY_METRICS, epochs: int | None = None
+) -> str:
+    """One log line per history row: ``before training | loss …`` for row 0 (the untrained
+    tower), then ``epoch 1/N | loss …`` (the epoch's mean training loss)."""
+    e = int(row["epoch"])
+    head = "before training" if e == 0 else f"epoch {e}/{epochs}" if epochs else f"epoch {e}"
+    parts = [head]
+    if "loss" in row:
+        parts.append(f"loss {row['loss']:.4f}")
+    parts.append(f"T {row.get('temperature', float('nan')):.4f}")
     for prefix in ("val", "test"):
         vals = [f"{k} {row[f'{prefix}_{k}']:.3f}" for k in keys if f"{prefix}_{k}" in row]
         if vals:
