@@ -111,7 +111,10 @@ class BaseHasher(TransformerMixin, BaseEstimator):
         self.n_bits_ = check_n_bits(self.n_bits)
         X = validate_data(self, X, reset=True, dtype=np.float64, ensure_min_samples=2)
         if self.supervised and y is None:
-            raise ValueError(f"{type(self).__name__} is supervised: fit(X, y) needs labels y")
+            raise ValueError(
+                f"{type(self).__name__} requires y to be passed, but the target y is None "
+                "(it is supervised: fit(X, y) with class labels or a 0/1 indicator matrix)"
+            )
         self._fit(X, y)
         return self
 
@@ -124,6 +127,13 @@ class BaseHasher(TransformerMixin, BaseEstimator):
     def transform(self, X: Any) -> np.ndarray:
         """Packed binary codes ``(n, n_bits // 8)`` uint8 (bit set where the projection > 0)."""
         return pack_bits(self.decision_function(X) > 0)
+
+    def __sklearn_tags__(self) -> Any:
+        # codes are packed uint8 whatever the input dtype; supervised hashers need y
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = []
+        tags.target_tags.required = self.supervised
+        return tags
 
     @property
     def n_bytes(self) -> int:
