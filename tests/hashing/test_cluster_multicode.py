@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 from rscir.hashing import (
     ClusterMultiCodeHasher,
@@ -16,6 +17,14 @@ from rscir.hashing import (
 )
 from rscir.hashing.clustercode import RegionSets
 from rscir.hashing.regions import FEATURE_NAMES, describe_regions
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_blas_thread():
+    """Small arrays: BLAS/OpenMP threads only add waiting (minutes instead of seconds for KSH's
+    eigen-solves on a busy 2-core machine)."""
+    with threadpool_limits(limits=1):
+        yield
 
 
 def pack(bits: list[list[int]]) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 from rscir.bench.metrics import ranking_metrics
 from rscir.hashing import (
@@ -20,6 +21,14 @@ from rscir.hashing import (
 from rscir.hashing.deep import triplet_loss
 
 FAST = {"epochs": 150, "batch_size": 64, "lr": 1e-2, "dropout": 0.0, "hidden_layer_sizes": (64,)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_blas_thread():
+    """Small arrays: BLAS/OpenMP threads only add waiting (minutes instead of seconds for KSH's
+    eigen-solves on a busy 2-core machine)."""
+    with threadpool_limits(limits=1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
+from threadpoolctl import threadpool_limits
 
 from rscir.hashing import (
     ClusterMultiCodeHasher,
@@ -36,6 +37,14 @@ ITQ_FAILING = (
     "check_positive_only_tag_during_fit", "check_readonly_memmap_input",
     "check_transformer_data_not_an_array", "check_transformer_general",
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_blas_thread():
+    """Small arrays: BLAS/OpenMP threads only add waiting (minutes instead of seconds for KSH's
+    eigen-solves on a busy 2-core machine)."""
+    with threadpool_limits(limits=1):
+        yield
 
 
 def _ksh() -> KSHHasher:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
+from threadpoolctl import threadpool_limits
 
 from rscir.bench.metrics import ranking_metrics
 from rscir.hashing import (
@@ -33,6 +34,14 @@ from rscir.scoring import QueryStats, topk
 
 D = 32
 N_CLASSES = 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_blas_thread():
+    """Small arrays: BLAS/OpenMP threads only add waiting (minutes instead of seconds for KSH's
+    eigen-solves on a busy 2-core machine)."""
+    with threadpool_limits(limits=1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -45,9 +45,8 @@ class RegionDescriber:
 
     def __post_init__(self) -> None:
         if self.segmentation not in SEGMENTATIONS:
-            raise ValueError(
-                f"unknown segmentation {self.segmentation!r}; choose from {', '.join(SEGMENTATIONS)}"
-            )
+            raise ValueError(f"unknown segmentation {self.segmentation!r}; choose from "
+                             f"{', '.join(SEGMENTATIONS)}")
         if self.size < 8 or self.n_segments < 1:
             raise ValueError(f"size must be >= 8 and n_segments >= 1, got {self.size}, "
                              f"{self.n_segments}")
