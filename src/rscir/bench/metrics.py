@@ -9,6 +9,9 @@ Two families:
 * **Graded** (ACG@k, NDCG@k, weighted mAP) for multi-label retrieval, where the gain of an item is
   the number of labels it shares with the query; these need the full order and are meant for
   small archives (thousands of items).
+* **Label-based** (lP@k, lR@k, lAcc@k) for multi-label retrieval: per retrieved item, the share
+  of the query's labels it carries (recall), of its own labels the query has (precision), and
+  their Jaccard overlap — the seed's recall measure for multi-code hashing.
 
 Ties are broken the way a *stable* descending sort breaks them: equal scores keep column order
 (lower index ranks first). The tie repair is exact and runs only for rows that contain ties.
@@ -317,3 +320,43 @@ def recall_at_k_multi(scores: np.ndarray, correct: np.ndarray, ks: Sequence[int]
     hit = np.take_along_axis(np.asarray(correct, dtype=bool), order, axis=1)
     first = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, np.iinfo(np.int64).max)
     return np.array([(first <= k).mean() for k in ks], dtype=np.float64)
+
+
+def label_based_metrics(
+    scores: np.ndarray, query_labels: np.ndarray, item_labels: np.ndarray, ks: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """Label-based multi-label retrieval measures per query (the set-based precision, recall
+    and accuracy used for multi-label RS retrieval by Chaudhuri, Demir, Chaudhuri & Bruzzone,
+    TGRS 2018, and the multi-code hashing seed's recall): for query labels ``L_q`` and each of
+    the top-k items' labels ``L_i``,
+
+    * ``lP@k`` = mean_i |L_q ∩ L_i| / |L_i| (0 for an item without labels),
+    * ``lR@k`` = mean_i |L_q ∩ L_i| / |L_q|,
+    * ``lAcc@k`` = mean_i |L_q ∩ L_i| / |L_q ∪ L_i| (Jaccard).
+
+    ``scores`` (Q, N); ``query_labels`` (Q, L) and ``item_labels`` (N, L) 0/1. The top k is the
+    stable order (equal scores by lower column); a query without labels scores 0."""
+    s = np.asarray(scores)
+    lq = np.asarray(query_labels, dtype=np.float64)
+    li = np.asarray(item_labels, dtype=np.float64)
+    if s.shape != (lq.shape[0], li.shape[0]) or lq.shape[1] != li.shape[1]:
+        raise ValueError(f"scores {s.shape} must be (queries {lq.shape[0]}, items "
+                         f"{li.shape[0]}) and both label matrices have one column per label")
+    from ..scoring import topk
+
+    kmax = min(max(ks), s.shape[1]) if len(ks) else 0
+    idx, _ = topk(s, kmax)
+    inter = np.einsum("ql,qkl->qk", lq, li[idx])  # (Q, kmax) shared labels
+    n_item = li.sum(axis=1)[idx]
+    n_q = lq.sum(axis=1, keepdims=True)
+    prec = np.divide(inter, n_item, out=np.zeros_like(inter), where=n_item > 0)
+    rec = np.divide(inter, n_q, out=np.zeros_like(inter), where=n_q > 0)
+    union = n_q + n_item - inter
+    acc = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        kk = min(int(k), kmax)
+        out[f"lP@{k}"] = prec[:, :kk].mean(axis=1)
+        out[f"lR@{k}"] = rec[:, :kk].mean(axis=1)
+        out[f"lAcc@{k}"] = acc[:, :kk].mean(axis=1)
+    return out

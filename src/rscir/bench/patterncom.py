@@ -417,7 +417,7 @@ def _mean2(x: np.ndarray) -> float:
     return round(float(np.mean(x)), 2) if len(x) else 0.0
 
 
-def _as_float32(x: np.ndarray) -> np.ndarray:
+def as_float32(x: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
     if not np.isfinite(a).all():
         raise ValueError("features contain NaN or infinite values")
@@ -646,11 +646,11 @@ def evaluate_pairs(
     computed into reused buffers and sorted while in cache (only the items at or above the
     pair's lowest relevant score); and only each relevant item's rank is looked up
     (:func:`rscir.bench.metrics.ranks_in_sorted_rows`)."""
-    db = _as_float32(db)
+    db = as_float32(db)
     n = db.shape[0]
     if n < 2:
         raise ValueError("the database needs at least 2 images")
-    text_feats = _as_float32(text_feats)
+    text_feats = as_float32(text_feats)
     if text_feats.shape != (len(pairs.texts), db.shape[1]):
         raise ValueError(
             f"text features have shape {text_feats.shape}, expected "
@@ -958,7 +958,7 @@ def run_patterncom(
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}")
     csv_dir = patterncom_dir(data)
-    feats = _as_float32(database.features)
+    feats = as_float32(database.features)
     all_pairs = [
         build_pairs(read_attribute_csv(csv_dir / f"{a}.csv", a), database.paths,
                     skip_missing=skip_missing)

@@ -25,7 +25,7 @@ from .patterncom import (
     Config,
     PairMetrics,
     Pairs,
-    _as_float32,
+    as_float32,
     normalize_cdf,
     weicom_from_normalized,
 )
@@ -63,11 +63,11 @@ def evaluate_pairs(
     Pairs are grouped by query image into chunks whose similarity matrices fit ``memory_cap``
     (shared by ``workers`` threads: numpy's sort, BLAS and torch release the GIL), and scored in
     blocks of ``block`` pairs."""
-    db = _as_float32(db)
+    db = as_float32(db)
     n = db.shape[0]
     if n < 2:
         raise ValueError("the database needs at least 2 images")
-    text_feats = _as_float32(text_feats)
+    text_feats = as_float32(text_feats)
     if text_feats.shape != (len(pairs.texts), db.shape[1]):
         raise ValueError(
             f"text features have shape {text_feats.shape}, expected "

@@ -10,8 +10,10 @@ the caption embeddings.
 * **Multi-label** (items of UCM-16 listed in ``ucm16/multilabels.csv``, the 17 object labels of
   Chaudhuri et al., TGRS 2018): relevance = at least one shared label (mAP, P@k), and the graded
   measures of multi-label RS retrieval with gain = number of shared labels: ACG@k, NDCG@k and
-  weighted mAP (:func:`rscir.bench.metrics.graded_metrics`). Queries without any label are left
-  out (they have nothing relevant) and counted.
+  weighted mAP (:func:`rscir.bench.metrics.graded_metrics`), and the label-based precision,
+  recall and accuracy of the top k (lP@k, lR@k, lAcc@k: per retrieved image, the share of the
+  query's labels it has, :func:`rscir.bench.metrics.label_based_metrics`). Queries without any
+  label are left out (they have nothing relevant) and counted.
 * **Text-to-image** (items of the ``test`` split of ``ucm16/captions.jsonl``, when the store's
   model has a text tower): the RemoteCLIP protocol within the 157 test images — each caption
   (5 per image) retrieves its own image (t2i R@1/5/10), each image retrieves any of its captions
@@ -37,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .metrics import graded_metrics, ranking_metrics, recall_at_k_multi
+from .metrics import graded_metrics, label_based_metrics, ranking_metrics, recall_at_k_multi
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +124,9 @@ def multi_label_retrieval(
 ) -> dict[str, np.ndarray]:
     """Per-query multi-label measures (leave-the-query-out) for items with a 0/1 label matrix
     (N, L): ``AP``/``P@k``/``R@k`` with relevance = ≥ 1 shared label, and ``wAP``, ``ACG@k``,
-    ``NDCG@k`` with gain = number of shared labels. Queries without labels are dropped; the
-    returned ``query`` holds the row of each query kept."""
+    ``NDCG@k`` with gain = number of shared labels; ``lP@k``/``lR@k``/``lAcc@k`` label-based
+    (set overlap of the top k's labels with the query's). Queries without labels are dropped;
+    the returned ``query`` holds the row of each query kept."""
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     lm = np.asarray(label_matrix, dtype=np.int64)
     if lm.shape[0] != len(emb):
@@ -138,6 +141,7 @@ def multi_label_retrieval(
         gains[np.arange(len(q)), q] = 0  # the query itself is not in the database
         out = ranking_metrics(s, gains > 0, ks)
         out.update(graded_metrics(s, gains, ks))
+        out.update(label_based_metrics(s, lm[q], lm, ks))  # the query itself ranks last
         parts.append(out)
     res = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
     res["query"] = queries
@@ -378,7 +382,7 @@ def tables(reports: Sequence[StoreReport], ks: Sequence[int] = KS,
 
     single = ["n_queries", "mAP", *[f"P@{k}" for k in ks]]
     multi = ["n_queries", "mAP", "wAP", *[f"P@{k}" for k in ks], *[f"ACG@{k}" for k in ks],
-             *[f"NDCG@{k}" for k in ks]]
+             *[f"NDCG@{k}" for k in ks], *[f"lR@{k}" for k in ks], *[f"lP@{k}" for k in ks]]
     txt = ["n_images", "n_captions", *[f"t2i_R@{k}" for k in text_ks],
            *[f"i2t_R@{k}" for k in text_ks], "mean_recall", "t2i_mean_recall",
            *[f"t2i_distinct_R@{k}" for k in text_ks]]
@@ -422,7 +426,8 @@ def markdown(reports: Sequence[StoreReport], ks: Sequence[int] = KS,
         "# rscir bench rsir\n",
         "## Single-label image-to-image retrieval (leave-the-query-out, relevant = same class)\n",
         _md(t["single_label"]),
-        "## Multi-label retrieval on UCM-16 (relevant = ≥ 1 shared label; gain = shared labels)\n",
+        "## Multi-label retrieval on UCM-16 (relevant = ≥ 1 shared label; gain = shared labels; "
+        "lR/lP = label-based recall/precision of the top k)\n",
         _md(t["multi_label"]),
         "## Text-to-image on the UCM captions test split (RemoteCLIP protocol)\n",
         "t2i: one query per (image, caption), its image correct; i2t: one query per image, any "

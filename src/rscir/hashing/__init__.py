@@ -1,13 +1,21 @@
 """Binary hashing for large-archive retrieval: scikit-learn-style estimators that map vectors
 to packed bit codes, and Hamming ranking over FAISS binary indexes.
 
-Methods: random-hyperplane LSH, PCA-ITQ, kernelized LSH, KSH (supervised, kernels), and a
-multi-code wrapper (one code per image region, summed Hamming matching).
+Methods: random-hyperplane LSH, PCA-ITQ, kernelized LSH, KSH (supervised, kernels), deep
+metric and hash-code learning (supervised, a small network with triplet, quantization and
+bit-balance losses), a multi-code wrapper (one code per image crop, summed Hamming matching) and
+cluster-sensitive multi-code hashing (one code per primitive region cluster, Reato et al.).
 """
 
 from __future__ import annotations
 
 from .base import BaseHasher, check_n_bits, hamming_distances, pack_bits, unpack_bits
+from .clustercode import (
+    ClusterMultiCodeHasher,
+    cluster_multicode_distances,
+    split_cluster_codes,
+)
+from .deep import DeepMetricHasher
 from .itq import ITQHasher
 from .klsh import KernelLSHHasher
 from .ksh import KSHHasher
@@ -24,17 +32,19 @@ from .ranking import (
     hamming_topk,
     rerank,
 )
+from .regions import RegionDescriber
 
 HASHERS: dict[str, type[BaseHasher]] = {
     "lsh": LSHHasher,
     "itq": ITQHasher,
     "klsh": KernelLSHHasher,
     "ksh": KSHHasher,
+    "deep": DeepMetricHasher,
 }
 
 
 def make_hasher(name: str, n_bits: int, random_state: int | None = 0, **params: object) -> BaseHasher:
-    """A hasher by short name (``lsh``, ``itq``, ``klsh``, ``ksh``)."""
+    """A hasher by short name (``lsh``, ``itq``, ``klsh``, ``ksh``, ``deep``)."""
     if name not in HASHERS:
         raise ValueError(f"unknown hashing method {name!r}; choose from {', '.join(HASHERS)}")
     return HASHERS[name](n_bits, random_state=random_state, **params)  # type: ignore[arg-type]
@@ -43,7 +53,9 @@ def make_hasher(name: str, n_bits: int, random_state: int | None = 0, **params: 
 __all__ = [
     "HASHERS",
     "BaseHasher",
+    "ClusterMultiCodeHasher",
     "CodeMoments",
+    "DeepMetricHasher",
     "HammingIndex",
     "HashSearch",
     "ITQHasher",
@@ -51,7 +63,9 @@ __all__ = [
     "KernelLSHHasher",
     "LSHHasher",
     "MultiCodeHasher",
+    "RegionDescriber",
     "canonical_topk",
+    "cluster_multicode_distances",
     "check_n_bits",
     "composed_hamming_scores",
     "composed_hamming_search",
@@ -62,5 +76,6 @@ __all__ = [
     "multicode_distances",
     "pack_bits",
     "rerank",
+    "split_cluster_codes",
     "unpack_bits",
 ]

@@ -56,14 +56,14 @@ def check_codes(codes: Any, n_bytes: int | None = None, *, name: str = "codes") 
     return np.ascontiguousarray(c)
 
 
-def _popcount_rows(x: np.ndarray) -> np.ndarray:
+def popcount_rows(x: np.ndarray) -> np.ndarray:
     """Sum of set bits over the last axis of an unsigned integer array."""
     if hasattr(np, "bitwise_count"):
         return np.bitwise_count(x).sum(axis=-1, dtype=np.int32)
     return _POP8[x.view(np.uint8)].sum(axis=-1, dtype=np.int32)  # pragma: no cover
 
 
-def _words(codes: np.ndarray) -> np.ndarray:
+def code_words(codes: np.ndarray) -> np.ndarray:
     """View codes as the widest unsigned words their length allows (fewer XORs/popcounts)."""
     nb = codes.shape[-1]
     for width, dt in ((8, np.uint64), (4, np.uint32), (2, np.uint16)):
@@ -77,11 +77,11 @@ def hamming_distances(a: np.ndarray, b: np.ndarray, max_elems: int = 1 << 23) ->
     ``b`` (N, B), by XOR + popcount in chunks of queries (memory ~``max_elems`` words)."""
     a = check_codes(a, name="query codes")
     b = check_codes(b, a.shape[1], name="archive codes")
-    wa, wb = _words(a), _words(b)
+    wa, wb = code_words(a), code_words(b)
     out = np.empty((wa.shape[0], wb.shape[0]), np.int32)
     step = max(1, max_elems // max(1, wb.size))
     for s in range(0, wa.shape[0], step):
-        out[s : s + step] = _popcount_rows(wa[s : s + step, None, :] ^ wb[None, :, :])
+        out[s : s + step] = popcount_rows(wa[s : s + step, None, :] ^ wb[None, :, :])
     return out
 
 
@@ -111,7 +111,10 @@ class BaseHasher(TransformerMixin, BaseEstimator):
         self.n_bits_ = check_n_bits(self.n_bits)
         X = validate_data(self, X, reset=True, dtype=np.float64, ensure_min_samples=2)
         if self.supervised and y is None:
-            raise ValueError(f"{type(self).__name__} is supervised: fit(X, y) needs labels y")
+            raise ValueError(
+                f"{type(self).__name__} requires y to be passed, but the target y is None "
+                "(it is supervised: fit(X, y) with class labels or a 0/1 indicator matrix)"
+            )
         self._fit(X, y)
         return self
 
@@ -124,6 +127,13 @@ class BaseHasher(TransformerMixin, BaseEstimator):
     def transform(self, X: Any) -> np.ndarray:
         """Packed binary codes ``(n, n_bits // 8)`` uint8 (bit set where the projection > 0)."""
         return pack_bits(self.decision_function(X) > 0)
+
+    def __sklearn_tags__(self) -> Any:
+        # codes are packed uint8 whatever the input dtype; supervised hashers need y
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = []
+        tags.target_tags.required = self.supervised
+        return tags
 
     @property
     def n_bytes(self) -> int:

@@ -3,7 +3,8 @@
 Random hyperplanes in the kernel's feature space: with ``p`` anchors, centred kernel matrix
 ``K`` and a random subset ``S`` of ``t`` anchors per bit, the hyperplane is approximately
 Gaussian by the central limit theorem and the hash is ``h(x) = sign(Σ_i w_i κ̄(x, z_i))`` with
-``w = K^{-1/2} e_S / t``. Kernel centring is scikit-learn's ``KernelCenterer``; ``K^{-1/2}``
+``w = K^{-1/2} e_S / t`` (``t = p // 2`` when a small training set gives fewer than ``t``
+anchors). Kernel centring is scikit-learn's ``KernelCenterer``; ``K^{-1/2}``
 is the pseudo-inverse square root (eigenvalues below ``1e-8·max`` dropped), which is what the
 paper's derivation needs for the rank-deficient centred ``K``.
 """
@@ -43,9 +44,12 @@ class KernelLSHHasher(BaseHasher):
         rng = check_random_state(self.random_state)
         self.kernel_ = AnchorKernel.fit(X, self.n_anchors, self.kernel, self.gamma, rng)
         p = self.kernel_.anchors.shape[0]
-        t = int(self.subset_size)
-        if not 1 <= t <= p:
-            raise ValueError(f"subset_size must be in [1, n_anchors={p}], got {self.subset_size}")
+        if int(self.subset_size) < 1:
+            raise ValueError(f"subset_size must be at least 1, got {self.subset_size}")
+        # fewer anchors than the subset (a small training set): half of them per bit (all of
+        # them would make every bit the same hyperplane)
+        t = int(self.subset_size) if int(self.subset_size) <= p else max(1, p // 2)
+        self.subset_size_ = t
         k = self.kernel_(self.kernel_.anchors)
         self.centerer_ = KernelCenterer().fit(k)
         kc = self.centerer_.transform(k)

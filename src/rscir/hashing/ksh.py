@@ -93,6 +93,7 @@ class KSHHasher(BaseHasher):
         rm = r @ m_mat  # R·M, updated by a rank-one term per bit
         scale = np.sqrt(n_l)
         weights = np.zeros((kc.shape[1], self.n_bits_))
+        self.n_iter_ = 0  # most L-BFGS iterations any bit took (scikit-learn's n_iter_)
         for bit in range(self.n_bits_):  # greedy over bits (not items)
             a_red = m_mat.T @ rm
             _, vec = np.linalg.eigh((a_red + a_red.T) / 2)
@@ -102,6 +103,7 @@ class KSHHasher(BaseHasher):
                 _smooth_objective, v, args=(m_mat, r), jac=True, method="L-BFGS-B",
                 options={"maxiter": int(self.max_iter)},
             )
+            self.n_iter_ = max(self.n_iter_, int(res.nit))
             if np.all(np.isfinite(res.x)) and _binary_objective(m_mat @ res.x, r) >= best:
                 v = res.x
             b = np.where(m_mat @ v > 0, 1.0, -1.0)

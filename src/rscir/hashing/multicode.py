@@ -1,7 +1,8 @@
 """Multi-code hashing in the spirit of Demir & Bruzzone (IEEE TGRS 2016): several codes per
 image, one per region (crop, segment, local descriptor), matched by summed Hamming distance.
 
-Input is a 3-D array ``(n, m, d)``: ``m`` region vectors per image (for the classic encoder the
+Input is a 3-D array ``(n, m, d)`` (a 2-D ``(n, d)`` is one region per image): ``m`` region
+vectors per image (for the classic encoder the
 descriptors of image crops; for a neural encoder, the embeddings of crops). One hasher, fitted
 on all regions pooled (labels repeated per region for supervised hashers), codes every region:
 ``transform`` returns ``(n, m, n_bits // 8)``.
@@ -21,24 +22,26 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin, clone
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_array, check_is_fitted
 
-from .base import BaseHasher, _popcount_rows, _words, check_codes, hamming_distances
+from .base import BaseHasher, check_codes, code_words, hamming_distances, popcount_rows
 
 MATCHES: tuple[str, ...] = ("aligned", "min")
 
 
 def _check_regions(X: Any, name: str = "X") -> np.ndarray:
-    x = np.asarray(X, dtype=np.float64)
+    """``X`` as float64 ``(n, m, d)``: scikit-learn's validation (sparse, complex, NaN, empty
+    input), a 2-D ``(n, d)`` read as one region per image."""
+    x = check_array(X, dtype=np.float64, allow_nd=True, ensure_min_samples=1, input_name=name)
+    if x.ndim == 2:
+        x = x[:, None, :]
     if x.ndim != 3:
         raise ValueError(
-            f"{name} must be a 3-D array (n_images, n_regions, n_features) of region vectors, "
-            f"got shape {x.shape}"
+            f"{name} must be a 3-D array (n_images, n_regions, n_features) of region vectors "
+            f"(or 2-D, one region per image), got shape {x.shape}"
         )
-    if x.shape[1] < 1:
-        raise ValueError(f"{name} needs at least one region per image, got shape {x.shape}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} contains NaN or infinity")
+    if x.shape[1] < 1 or x.shape[2] < 1:
+        raise ValueError(f"{name} needs at least one region and one feature, got shape {x.shape}")
     return x
 
 
@@ -51,16 +54,24 @@ def check_match(match: str) -> str:
 class MultiCodeHasher(TransformerMixin, BaseEstimator):
     """One code per region from a shared base hasher (any :class:`BaseHasher`)."""
 
-    def __init__(self, hasher: BaseHasher, *, match: str = "min") -> None:
+    def __init__(
+        self, hasher: BaseHasher, *, match: str = "min", random_state: int | None = None
+    ) -> None:
         self.hasher = hasher
         self.match = match
+        self.random_state = random_state
 
     def fit(self, X: Any, y: Any = None) -> MultiCodeHasher:
         x = _check_regions(X)
         check_match(self.match)
         n, m, d = x.shape
+        if n * m < 2:
+            raise ValueError(f"n_samples={n} images with {m} region(s): need at least 2 regions")
         yy = None if y is None else np.repeat(np.asarray(y), m, axis=0)
-        self.hasher_ = clone(self.hasher).fit(x.reshape(n * m, d), yy)
+        h = clone(self.hasher)
+        if self.random_state is not None:  # one seed for the whole estimator, as sklearn expects
+            h.set_params(random_state=self.random_state)
+        self.hasher_ = h.fit(x.reshape(n * m, d), yy)
         self.n_regions_ = m
         self.n_features_in_ = d
         return self
@@ -72,10 +83,16 @@ class MultiCodeHasher(TransformerMixin, BaseEstimator):
         n, m, d = x.shape
         if d != self.n_features_in_:
             raise ValueError(
-                f"X has {d} features per region, but {type(self).__name__} is expecting "
-                f"{self.n_features_in_} features as input."
+                f"X has {d} features, but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input (per region)."
             )
         return self.hasher_.transform(x.reshape(n * m, d)).reshape(n, m, -1)
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = []
+        tags.target_tags.required = bool(getattr(self.hasher, "supervised", False))
+        return tags
 
     def distances(self, q_codes: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Summed Hamming distances ``(Q, N)`` with this hasher's matching."""
@@ -99,10 +116,10 @@ def multicode_distances(
         if mq != m:
             raise ValueError(f"aligned matching needs equal region counts, got {mq} and {m}")
         return hamming_distances(q.reshape(nq, -1), c.reshape(n, -1), max_elems)
-    wq, wc = _words(q), _words(c)  # (nq, mq, w), (n, m, w)
+    wq, wc = code_words(q), code_words(c)  # (nq, mq, w), (n, m, w)
     out = np.empty((nq, n), np.int32)
     step = max(1, max_elems // max(1, wc.size * mq))
     for s in range(0, nq, step):
-        d = _popcount_rows(wq[s : s + step, :, None, None, :] ^ wc[None, None, :, :, :])
+        d = popcount_rows(wq[s : s + step, :, None, None, :] ^ wc[None, None, :, :, :])
         out[s : s + step] = d.min(axis=3).sum(axis=1)  # (b, mq, n, m) -> (b, n)
     return out

@@ -30,11 +30,11 @@ from ..scoring import QueryStats, fuse, topk
 from ..search.topk import candidate_similarities
 from .base import (
     BaseHasher,
-    _popcount_rows,
-    _words,
     check_codes,
     check_n_bits,
+    code_words,
     hamming_distances,
+    popcount_rows,
     unpack_bits,
 )
 
@@ -212,8 +212,8 @@ def hamming_similarity(
     if rows is None:
         return 1.0 - hamming_distances(q, c) / n_bits
     r = np.atleast_2d(np.asarray(rows, np.int64))
-    gathered = _words(c[np.where(r >= 0, r, 0)])  # (Q, C, w)
-    d = _popcount_rows(gathered ^ _words(q)[:, None, :])
+    gathered = code_words(c[np.where(r >= 0, r, 0)])  # (Q, C, w)
+    d = popcount_rows(gathered ^ code_words(q)[:, None, :])
     return np.where(r >= 0, 1.0 - d / n_bits, np.nan)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
+from threadpoolctl import threadpool_limits
 
 from rscir.bench.metrics import ranking_metrics
 from rscir.hashing import (
@@ -35,6 +36,14 @@ D = 32
 N_CLASSES = 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_blas_thread():
+    """Small arrays: BLAS/OpenMP threads only add waiting (minutes instead of seconds for KSH's
+    eigen-solves on a busy 2-core machine)."""
+    with threadpool_limits(limits=1):
+        yield
+
+
 @pytest.fixture(scope="module")
 def clustered() -> tuple[np.ndarray, np.ndarray]:
     """400 vectors in 8 well-separated Gaussian clusters (labels in random order)."""
@@ -43,6 +52,13 @@ def clustered() -> tuple[np.ndarray, np.ndarray]:
     y = rng.integers(0, N_CLASSES, 400)
     x = centers[y] + rng.standard_normal((400, D))
     return x, y
+
+
+FAST = {"deep": {"epochs": 30}}  # keyword arguments that keep the generic tests quick
+
+
+def fast_hasher(name: str, n_bits: int, random_state: int):
+    return make_hasher(name, n_bits, random_state=random_state, **FAST.get(name, {}))
 
 
 def loo_map(codes: np.ndarray, y: np.ndarray) -> float:
@@ -67,7 +83,7 @@ def popcount_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("n_bits", [8, 24, 32])
 def test_codes_shape_dtype(clustered, name, n_bits):
     x, y = clustered
-    h = make_hasher(name, n_bits, random_state=0).fit(x, y)
+    h = fast_hasher(name, n_bits, 0).fit(x, y)
     codes = h.transform(x[:17])
     assert codes.shape == (17, n_bits // 8)
     assert codes.dtype == np.uint8
@@ -79,10 +95,10 @@ def test_codes_shape_dtype(clustered, name, n_bits):
 @pytest.mark.parametrize("name", sorted(HASHERS))
 def test_deterministic_for_seed(clustered, name):
     x, y = clustered
-    a = make_hasher(name, 16, random_state=3).fit(x, y).transform(x)
-    b = make_hasher(name, 16, random_state=3).fit(x, y).transform(x)
+    a = fast_hasher(name, 16, 3).fit(x, y).transform(x)
+    b = fast_hasher(name, 16, 3).fit(x, y).transform(x)
     np.testing.assert_array_equal(a, b)
-    c = make_hasher(name, 16, random_state=4).fit(x, y).transform(x)
+    c = fast_hasher(name, 16, 4).fit(x, y).transform(x)
     assert not np.array_equal(a, c)
 
 
@@ -90,7 +106,7 @@ def test_deterministic_for_seed(clustered, name):
 def test_beats_random_codes(clustered, name):
     x, y = clustered
     n_bits = 32
-    codes = make_hasher(name, n_bits, random_state=0).fit(x[:300], y[:300]).transform(x)
+    codes = fast_hasher(name, n_bits, 0).fit(x[:300], y[:300]).transform(x)
     rnd = pack_bits(np.random.default_rng(0).random((len(x), n_bits)) < 0.5)
     m, m_rnd = loo_map(codes, y), loo_map(rnd, y)
     assert m_rnd < 0.2  # ~ class prevalence
@@ -153,7 +169,7 @@ def test_bad_input(clustered):
     with pytest.raises(ValueError, match="unknown hashing method"):
         make_hasher("spectral", 16)
     with pytest.raises(ValueError, match="3-D"):
-        MultiCodeHasher(LSHHasher(16)).fit(x)
+        MultiCodeHasher(LSHHasher(16)).fit(x[None, None])
     with pytest.raises(ValueError, match="uint8"):
         hamming_distances(x[:2], x[:2])
     with pytest.raises(ValueError, match="bytes per code"):
@@ -365,7 +381,7 @@ def test_multicode_hasher(clustered):
     multi = ranking_metrics(-d, rel, ks=(10,))["AP"].mean()
     single = loo_map(ITQHasher(16, random_state=0).fit(regions[:300, 0]).transform(regions[:, 0]), y)
     assert multi > single  # four 16-bit codes of noisy views beat one
-    with pytest.raises(ValueError, match="features per region"):
+    with pytest.raises(ValueError, match="features, but"):
         mc.transform(regions[:, :, :5])
     sup = MultiCodeHasher(KSHHasher(16, random_state=0), match="aligned").fit(regions[:200], y[:200])
     assert sup.transform(regions[:3]).shape == (3, 4, 2)
@@ -386,7 +402,7 @@ def test_benchmark_script_smoke(tmp_path, monkeypatch):
     from rscir.encoders import load_encoder
     from rscir.ingest import index_folder
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "hashing_rsir.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "hashing_rsir.py"
     spec = importlib.util.spec_from_file_location("hashing_rsir", path)
     mod = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "hashing_rsir", mod)  # dataclasses look their module up
@@ -396,14 +412,22 @@ def test_benchmark_script_smoke(tmp_path, monkeypatch):
     index_folder(folder, store, load_encoder("classic"), num_workers=0, progress=False)
     out = tmp_path / "out"
     args = ["--datasets", "", "--store", str(store), "--stores-dir", str(tmp_path / "cache"),
-            "--bits", "8,16", "--methods", "lsh,itq,ksh,mc-lsh", "--k", "5", "--time-n", "0",
+            "--split", "random,heldout", "--bits", "8,16", "--k", "5", "--time-n", "0",
+            "--methods", "lsh,itq,ksh,deep,mc-lsh,cmc-klsh,cmc-single", "--cmc-clusters", "2",
             "--out", str(out)]
     assert mod.main(args) == 0
     df = pd.read_csv(out / "hashing_rsir.csv")
-    assert set(df["method"]) == {"float (cosine)", "lsh", "itq", "ksh", "mc-lsh"}
+    assert set(df["method"]) == {"float (cosine)", "lsh", "itq", "ksh", "deep", "mc-lsh",
+                                 "cmc-klsh", "cmc-klsh/max", "cmc-single"}
+    assert set(df["split"]) == {"random"}  # a store without the captions test split
     assert df["mAP"].between(0, 1).all()
+    df = df[df["relevance"] == "single"]
     assert (df.loc[df["method"] == "mc-lsh", "bytes/img"] == [5, 10]).all()  # 5 codes per image
-    assert "float (cosine)" in (out / "hashing_rsir.md").read_text()
+    # 2 clusters of 4 / 8 bits + 2 presence bits; one cluster of 8 / 16 bits + 1 presence bit
+    assert (df.loc[df["method"] == "cmc-klsh", "bytes/img"] == [2, 3]).all()
+    assert (df.loc[df["method"] == "cmc-single", "bytes/img"] == [2, 3]).all()
+    md = (out / "hashing_rsir.md").read_text()
+    assert "float (cosine)" in md and "Beside the seed" in md and "0.904" in md
     assert mod.main(["--bits", "12", "--datasets", ""]) == 2
     assert mod.main(["--methods", "sh", "--datasets", ""]) == 2
 
