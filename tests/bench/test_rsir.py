@@ -17,11 +17,11 @@ from rscir.bench.rsir import (
     evaluate_store,
     multi_label_retrieval,
     read_test_captions,
-    register_cli,
     single_label_retrieval,
     text_image_retrieval,
 )
 from rscir.cli import main
+from rscir.cli.bench import register_rsir
 from rscir.train.metrics import image_map
 
 KS = (1, 2, 3, 5)
@@ -255,6 +255,28 @@ def test_missing_store_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_bad_ks_are_rejected() -> None:
     parser = argparse.ArgumentParser(prog="rscir bench")
-    register_cli(parser.add_subparsers())
+    register_rsir(parser.add_subparsers())
     with pytest.raises(SystemExit):
         parser.parse_args(["rsir", "--store", "x", "--ks", "0,5"])
+
+
+def test_a_multilabel_store_is_evaluated_with_its_own_labels(tmp_path: Path) -> None:
+    """A store whose items carry several labels (e.g. BigEarthNet's) gets the multi-label table
+    from those labels, equal to multi_label_retrieval on the same matrix."""
+    from rscir.encoders.base import ModelInfo, l2_normalize
+    from rscir.stores import DirectoryStore
+
+    rng = np.random.default_rng(0)
+    names = ["water", "forest", "urban", "crops"]
+    lm = (rng.random((60, 4)) < 0.35).astype(np.int8)
+    lm[lm.sum(1) == 0, 0] = 1
+    x = l2_normalize(lm @ rng.normal(size=(4, 8)) + 0.3 * rng.normal(size=(60, 8)))
+    info = ModelInfo(name="m", arch="A", fingerprint="sha256:aa", dim=8)
+    with DirectoryStore.create(tmp_path / "s", info, tmp_path) as st:
+        st.add(x, [{"path": f"p{i}", "labels": [n for n, b in zip(names, row, strict=True) if b]}
+                   for i, row in enumerate(lm)])
+    rep = evaluate_store(tmp_path / "s", RsirData(tmp_path / "no-data"), text=False)
+    assert rep.multi_label["source"] == "store labels" and rep.multi_label["n_labels"] == 4
+    order = np.argsort(names)  # the report's labels are sorted by name
+    ref = multi_label_retrieval(np.asarray(x, np.float16).astype(np.float32), lm[:, order])
+    assert rep.multi_label["mAP"] == pytest.approx(float(np.mean(ref["AP"])), abs=1e-6)

@@ -27,7 +27,6 @@ Queries are processed in row blocks, so the similarity matrices held at once sta
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..errors import PathNotFoundError
 from .metrics import graded_metrics, label_based_metrics, ranking_metrics, recall_at_k_multi
 
 log = logging.getLogger(__name__)
@@ -279,6 +279,20 @@ def _text_encoder(
     return enc, ""
 
 
+def _store_multilabels(items: pd.DataFrame) -> tuple[list[str], np.ndarray] | None:
+    """(label names, 0/1 matrix) from the items' ``labels`` when the store is multi-label (some
+    item carries several labels), else None."""
+    lists = [list(v) for v in items["labels"]]
+    if not any(len(v) > 1 for v in lists):
+        return None
+    names = sorted({x for v in lists for x in v})
+    col = {n: j for j, n in enumerate(names)}
+    lm = np.zeros((len(lists), len(names)), np.int8)
+    rows = np.repeat(np.arange(len(lists)), [len(v) for v in lists])
+    lm[rows, [col[x] for v in lists for x in v]] = 1
+    return names, lm
+
+
 def evaluate_store(
     store_dir: str | os.PathLike[str],
     data: RsirData,
@@ -291,12 +305,12 @@ def evaluate_store(
     text: bool = True,
     block: int = DEFAULT_BLOCK,
 ) -> StoreReport:
-    """All the benchmarks that apply to one store."""
-    from ..stores.directory import DirectoryStore
+    """All the benchmarks that apply to one store (a directory or a ``postgresql://`` URI)."""
+    from ..stores.uri import open_store, store_exists
 
-    if not Path(store_dir, "manifest.json").is_file():
-        raise FileNotFoundError(f"no rscir store at {store_dir} (build one with `rscir index`)")
-    store = DirectoryStore.open(store_dir)
+    if not store_exists(store_dir):
+        raise PathNotFoundError(f"no rscir store at {store_dir} (build one with `rscir index`)")
+    store = open_store(store_dir)
     try:
         items = store.items
         emb = np.asarray(store.embeddings, dtype=np.float32)
@@ -322,7 +336,14 @@ def evaluate_store(
         else:
             rep.notes.append("single-label: the store has no class labels (index with --labels folder)")
 
-        if data.multilabels.is_file():
+        own = _store_multilabels(items)
+        if own is not None:  # the store's own multi-labels (e.g. BigEarthNet's 19 or 43 classes)
+            names, lm = own
+            pq = multi_label_retrieval(emb, lm, ks, block)
+            rep.multi_label = {"n_items": len(store), "n_queries": len(pq["query"]),
+                               "n_labels": len(names), "source": "store labels",
+                               **summarize(pq)}
+        elif data.multilabels.is_file():
             imgs, names, lm = read_multilabels(data.multilabels)
             r = _match(paths, _real_paths(str(data.ucm_images), imgs))
             ok = r >= 0
@@ -457,53 +478,3 @@ def write_outputs(reports: Sequence[StoreReport], out: str | os.PathLike[str],
         {"ks": list(ks), "text_ks": list(text_ks), "stores": [r.to_dict() for r in reports]},
         indent=1), encoding="utf-8")
     return paths
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        ks = [int(x) for x in text.replace(",", " ").split()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected integers like 5,10,20, got {text!r}") from e
-    if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError(f"k values must be >= 1, got {text!r}")
-    return ks
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``rsir`` to the ``rscir bench`` sub-commands."""
-    p = subparsers.add_parser(
-        "rsir",
-        help="image-to-image, multi-label and text-to-image retrieval on UCM-16 / RSSCN7 stores",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--store", action="append", required=True, metavar="DIR",
-                   help="a store built by `rscir index` (repeatable: one table row per store)")
-    p.add_argument("--data", default=str(default_data_dir()), metavar="DIR",
-                   help="folder with ucm16/{images,multilabels.csv,captions.jsonl} "
-                        "(default: $RSCIR_SHARED_DATA or %(default)s)")
-    p.add_argument("--out", default="runs/bench-rsir", metavar="DIR",
-                   help="where rsir.md, rsir.csv, rsir_*.csv and rsir.json go (default %(default)s)")
-    p.add_argument("--model", help="model for caption embeddings (default: the store's model)")
-    p.add_argument("--checkpoint", help="weights file for --model / the store's model")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--ks", type=_int_list, default=list(KS), metavar="K,K,...",
-                   help="cut-offs of P@k, ACG@k, NDCG@k (default %(default)s)")
-    p.add_argument("--no-text", action="store_true", help="skip text-to-image retrieval")
-    p.set_defaults(func=run_cli)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    data = RsirData(Path(args.data))
-    reports = []
-    for s in args.store:
-        rep = evaluate_store(s, data, ks=args.ks, model=args.model, checkpoint=args.checkpoint,
-                             device=args.device, text=not args.no_text)
-        reports.append(rep)
-    paths = write_outputs(reports, args.out, args.ks)
-    print(markdown(reports, args.ks))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0

@@ -19,11 +19,59 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                       "retrieval, RS retrieval")
     bench_sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     register_patterncom(bench_sub)
-    from ..bench import rsir
-
-    rsir.register_cli(bench_sub)
+    register_rsir(bench_sub)
     register_composed(bench_sub)
     register_xview2(bench_sub)
+
+
+RSIR_KS = (5, 10, 20, 50, 100)  # rscir.bench.rsir.KS (not imported: `rscir --help` stays light)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        ks = [int(x) for x in text.replace(",", " ").split()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected integers like 5,10,20, got {text!r}") from e
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"k values must be >= 1, got {text!r}")
+    return ks
+
+
+def register_rsir(sub: argparse._SubParsersAction) -> None:
+    """``rscir bench rsir``: the retrieval tables of :mod:`rscir.bench.rsir`."""
+    p = sub.add_parser(
+        "rsir",
+        help="image-to-image, multi-label and text-to-image retrieval on UCM-16 / RSSCN7 / "
+             "multi-label (e.g. BigEarthNet) stores",
+        description="Retrieval tables of one or more stores: single-label (class) retrieval, "
+        "multi-label retrieval (the store's own multi-labels, or ucm16/multilabels.csv), and "
+        "text-to-image retrieval on the UCM captions test split; see rscir.bench.rsir.")
+    p.add_argument("--store", action="append", required=True, metavar="STORE",
+                   help="a store built by `rscir index` (repeatable: one table row per store)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="folder with ucm16/{images,multilabels.csv,captions.jsonl} "
+                        "(default: $RSCIR_SHARED_DATA or ../shared/data)")
+    p.add_argument("--out", default="runs/bench-rsir", metavar="DIR",
+                   help="where rsir.md, rsir.csv, rsir_*.csv and rsir.json go (default %(default)s)")
+    p.add_argument("--model", help="model for caption embeddings (default: the store's model)")
+    p.add_argument("--checkpoint", help="weights file for --model / the store's model")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--ks", type=_int_list, default=list(RSIR_KS), metavar="K,K,...",
+                   help="cut-offs of P@k, ACG@k, NDCG@k (default %(default)s)")
+    p.add_argument("--no-text", action="store_true", help="skip text-to-image retrieval")
+    p.set_defaults(func=cmd_rsir)
+
+
+def cmd_rsir(a: argparse.Namespace) -> int:
+    from ..bench.rsir import RsirData, default_data_dir, evaluate_store, markdown, write_outputs
+
+    data = RsirData(Path(a.data) if a.data else default_data_dir())
+    reports = [evaluate_store(s, data, ks=a.ks, model=a.model, checkpoint=a.checkpoint,
+                              device=a.device, text=not a.no_text) for s in a.store]
+    paths = write_outputs(reports, a.out, a.ks)
+    print(markdown(reports, a.ks))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
 
 
 def register_patterncom(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
