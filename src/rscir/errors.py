@@ -44,6 +44,10 @@ class MissingDependencyError(RscirError, ImportError):
     """An optional dependency is not installed; the message names the ``pip install`` to run."""
 
 
+class ServerError(RscirError, OSError):
+    """The HTTP server cannot listen or start (port in use, bad host, ...)."""
+
+
 class ModelError(RscirError, RuntimeError):
     """Base of the model errors."""
 

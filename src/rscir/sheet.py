@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import InvalidArgumentError
 from .search.results import SearchResult, score_decimals
 from .stores.base import EmbeddingStore
 
@@ -51,7 +52,7 @@ def contact_sheet(
 ) -> Path:
     """Write a PNG: a row per result (e.g. per λ) with the query at the left."""
     if not results:
-        raise ValueError("no results to draw")
+        raise InvalidArgumentError("no results to draw")
     k = max(len(r.hits) for r in results)
     pad, label_h = 6, 30
     left_w = thumb + 2 * pad

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
 from .patterncom import class_of, save_text_features
 
 PATTERNNET_FOLDERS: tuple[str, ...] = (
@@ -146,7 +147,7 @@ def make_patterncom(
     for attr, by_cls in spec.items():
         for cls in by_cls:
             if cls not in known:
-                raise ValueError(f"spec class {cls!r} ({attr}) is not one of the folders")
+                raise InvalidArgumentError(f"spec class {cls!r} ({attr}) is not one of the folders")
     root = Path(out_dir) / "PatternNet"
     (root / "PatternCom").mkdir(parents=True, exist_ok=True)
 

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
+
 
 def relevant_ranks(
     scores: np.ndarray,
@@ -41,14 +43,14 @@ def relevant_ranks(
     """
     scores = np.asarray(scores)
     if scores.ndim != 2:
-        raise ValueError(f"scores must be 2-D, got shape {scores.shape}")
+        raise InvalidArgumentError(f"scores must be 2-D, got shape {scores.shape}")
     n = scores.shape[1]
     cols = np.asarray(cols, dtype=np.int64)
     valid = np.asarray(valid, dtype=bool)
     q = cols.shape[0]
     if rows is None:
         if q != scores.shape[0]:
-            raise ValueError("without rows, cols must have one row per score row")
+            raise InvalidArgumentError("without rows, cols must have one row per score row")
         rows = np.arange(q)
     rows = np.asarray(rows, dtype=np.int64)
     safe_cols = np.where(valid, cols, 0)
@@ -340,7 +342,7 @@ def label_based_metrics(
     lq = np.asarray(query_labels, dtype=np.float64)
     li = np.asarray(item_labels, dtype=np.float64)
     if s.shape != (lq.shape[0], li.shape[0]) or lq.shape[1] != li.shape[1]:
-        raise ValueError(f"scores {s.shape} must be (queries {lq.shape[0]}, items "
+        raise InvalidArgumentError(f"scores {s.shape} must be (queries {lq.shape[0]}, items "
                          f"{li.shape[0]}) and both label matrices have one column per label")
     from ..scoring import topk
 

@@ -56,7 +56,7 @@ import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
-from ..errors import UntrustedFileError
+from ..errors import InvalidArgumentError, PathNotFoundError, UntrustedFileError
 from ..moments import ArchiveMoments
 from ..scoring import METHODS, QueryStats, check_lam, check_method, fuse
 from .metrics import (
@@ -129,7 +129,7 @@ def read_attribute_csv(path: str | os.PathLike[str], attribute: str | None = Non
     """Parse ``filename,attribute,value`` rows (no header; blank lines skipped)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"PatternCom file {p} is missing")
+        raise PathNotFoundError(f"PatternCom file {p} is missing")
     names: list[str] = []
     attrs: list[str] = []
     vals: list[str] = []
@@ -140,7 +140,7 @@ def read_attribute_csv(path: str | os.PathLike[str], attribute: str | None = Non
             if not row:
                 continue
             if len(row) != 3:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"{p}:{lineno}: expected 3 fields filename,attribute,value, got {len(row)}: {row}"
                 )
             names.append(row[0])
@@ -224,7 +224,7 @@ def build_pairs(
     lookup = database_lookup(db_names)
     missing = [f for f in table.filenames if f not in lookup]
     if missing and not skip_missing:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{len(missing)} of {n_rows} query images of {attribute!r} are not in the database "
             f"(e.g. {missing[:3]}); index all PatternNet images or pass --skip-missing"
         )
@@ -281,7 +281,7 @@ def make_configs(methods: Iterable[str], lams: Iterable[float]) -> list[Config]:
         cfgs = [Config(m, lam) for lam in lams] if m == "weicom" else [Config(m)]
         out.extend(c for c in cfgs if c not in out)
     if not out:
-        raise ValueError("no methods given")
+        raise InvalidArgumentError("no methods given")
     return out
 
 
@@ -295,17 +295,17 @@ def parse_lams(specs: Sequence[str] | str) -> list[float]:
             if ":" in part:
                 bits = part.split(":")
                 if len(bits) != 3:
-                    raise ValueError(f"a λ sweep is start:stop:step, got {part!r}")
+                    raise InvalidArgumentError(f"a λ sweep is start:stop:step, got {part!r}")
                 a, b, s = (float(x) for x in bits)
                 if s <= 0 or b < a:
-                    raise ValueError(f"bad λ sweep {part!r}: need step > 0 and stop >= start")
+                    raise InvalidArgumentError(f"bad λ sweep {part!r}: need step > 0 and stop >= start")
                 n = int(np.floor((b - a) / s + 1e-9)) + 1
                 out.extend(round(a + i * s, 10) for i in range(n))
             else:
                 try:
                     out.append(float(part))
                 except ValueError as e:
-                    raise ValueError(f"bad λ value {part!r}") from e
+                    raise InvalidArgumentError(f"bad λ value {part!r}") from e
     for x in out:
         check_lam(x)
     return list(dict.fromkeys(out))
@@ -408,7 +408,7 @@ def _metric_values(m: PairMetrics, metric: str, ks: Sequence[int]) -> np.ndarray
         return m.ap
     kind, _, k = metric.partition("@")
     if kind not in ("P", "R") or not k.isdigit() or int(k) not in ks:
-        raise ValueError(f"unknown metric {metric!r}; use AP, P@k or R@k with k in {list(ks)}")
+        raise InvalidArgumentError(f"unknown metric {metric!r}; use AP, P@k or R@k with k in {list(ks)}")
     arr = m.precision if kind == "P" else m.recall
     return arr[:, list(ks).index(int(k))]
 
@@ -420,7 +420,7 @@ def _mean2(x: np.ndarray) -> float:
 def as_float32(x: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
     if not np.isfinite(a).all():
-        raise ValueError("features contain NaN or infinite values")
+        raise InvalidArgumentError("features contain NaN or infinite values")
     return a
 
 
@@ -649,10 +649,10 @@ def evaluate_pairs(
     db = as_float32(db)
     n = db.shape[0]
     if n < 2:
-        raise ValueError("the database needs at least 2 images")
+        raise InvalidArgumentError("the database needs at least 2 images")
     text_feats = as_float32(text_feats)
     if text_feats.shape != (len(pairs.texts), db.shape[1]):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"text features have shape {text_feats.shape}, expected "
             f"{(len(pairs.texts), db.shape[1])}"
         )
@@ -743,7 +743,7 @@ class Database:
 
     def __post_init__(self) -> None:
         if self.features.ndim != 2 or self.features.shape[0] != len(self.paths):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"features {self.features.shape} do not match {len(self.paths)} paths"
             )
 
@@ -811,7 +811,7 @@ def load_database(path: str | os.PathLike[str], *, trust_pickle: bool = False) -
         st = DirectoryStore.open(p)
         return Database(np.asarray(st.embeddings), st.items["path"].astype(str).tolist(), str(p))
     if not p.is_file():
-        raise FileNotFoundError(f"features file {p} does not exist")
+        raise PathNotFoundError(f"features file {p} does not exist")
     try:
         with open(p, "rb") as f:
             # pickle.load only when the user vouched for the file (it can run code)
@@ -820,10 +820,10 @@ def load_database(path: str | os.PathLike[str], *, trust_pickle: bool = False) -
         raise
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError,
             TypeError, IndexError, KeyError, MemoryError) as e:
-        raise ValueError(f"{p} is neither an rscir store nor a readable pickle: "
+        raise InvalidArgumentError(f"{p} is neither an rscir store nor a readable pickle: "
                          f"{type(e).__name__}: {e}") from e
     if not isinstance(data, dict) or "feats" not in data or "paths" not in data:
-        raise ValueError(f"{p}: expected a dict with 'feats' (N×d) and 'paths' (N)")
+        raise InvalidArgumentError(f"{p}: expected a dict with 'feats' (N×d) and 'paths' (N)")
     feats = np.asarray(data["feats"])
     return Database(feats, [str(x) for x in data["paths"]], str(p))
 
@@ -833,14 +833,14 @@ def load_text_features(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     or a JSON object ``{text: [floats]}``."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"text features file {p} does not exist")
+        raise PathNotFoundError(f"text features file {p} does not exist")
     if p.suffix.lower() == ".json":
         try:
             obj = json.loads(p.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON: {e}") from e
+            raise InvalidArgumentError(f"{p}: not valid JSON: {e}") from e
         if not isinstance(obj, dict):
-            raise ValueError(f"{p}: expected a JSON object mapping text to vector")
+            raise InvalidArgumentError(f"{p}: expected a JSON object mapping text to vector")
         return {str(k): np.asarray(v, dtype=np.float32) for k, v in obj.items()}
     try:
         with np.load(p, allow_pickle=False) as z:
@@ -848,11 +848,11 @@ def load_text_features(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
                 feats = z["features"] if "features" in z.files else z["feats"]
                 texts = [str(t) for t in z["texts"]]
                 if len(texts) != len(feats):
-                    raise ValueError(f"{p}: {len(texts)} texts but {len(feats)} feature rows")
+                    raise InvalidArgumentError(f"{p}: {len(texts)} texts but {len(feats)} feature rows")
                 return {t: np.asarray(v, np.float32) for t, v in zip(texts, feats, strict=True)}
             return {k: np.asarray(z[k], np.float32) for k in z.files}
     except (OSError, ValueError) as e:
-        raise ValueError(f"{p}: cannot read text features ({e})") from e
+        raise InvalidArgumentError(f"{p}: cannot read text features ({e})") from e
 
 
 def save_text_features(path: str | os.PathLike[str], feats: dict[str, np.ndarray]) -> None:
@@ -900,13 +900,13 @@ def text_matrix(
     else:
         missing = [t for t in texts if t not in source]
         if missing:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"no text features for {len(missing)} text(s), e.g. {missing[:5]}"
             )
         mat = np.stack([source[t] for t in texts]) if texts else np.zeros((0, dim), np.float32)
     mat = np.asarray(mat, dtype=np.float32).reshape(len(texts), -1)
     if len(texts) and mat.shape[1] != dim:
-        raise ValueError(f"text features have dimension {mat.shape[1]}, images {dim}")
+        raise InvalidArgumentError(f"text features have dimension {mat.shape[1]}, images {dim}")
     norms = np.linalg.norm(mat, axis=1, keepdims=True)
     return mat / np.maximum(norms, 1e-12)
 
@@ -917,7 +917,7 @@ def patterncom_dir(data: str | os.PathLike[str]) -> Path:
     for cand in (d / "PatternCom", d):
         if cand.is_dir() and any((cand / f"{a}.csv").is_file() for a in ATTRIBUTES):
             return cand
-    raise FileNotFoundError(
+    raise PathNotFoundError(
         f"no PatternCom CSVs under {d} (expected {d}/PatternCom/<attribute>.csv)"
     )
 
@@ -956,7 +956,7 @@ def run_patterncom(
     configs = make_configs(methods, lams)
     for m in methods:
         if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}")
+            raise InvalidArgumentError(f"unknown method {m!r}")
     csv_dir = patterncom_dir(data)
     feats = as_float32(database.features)
     all_pairs = [

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from ..errors import InvalidArgumentError
 from ..moments import ArchiveMoments
 from ..scoring import fuse
 from .metrics import average_precision_from_ranks, precision_recall_at_k, relevant_ranks
@@ -66,10 +67,10 @@ def evaluate_pairs(
     db = as_float32(db)
     n = db.shape[0]
     if n < 2:
-        raise ValueError("the database needs at least 2 images")
+        raise InvalidArgumentError("the database needs at least 2 images")
     text_feats = as_float32(text_feats)
     if text_feats.shape != (len(pairs.texts), db.shape[1]):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"text features have shape {text_feats.shape}, expected "
             f"{(len(pairs.texts), db.shape[1])}"
         )

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import PathNotFoundError
+from ..errors import InvalidArgumentError, PathNotFoundError
 from .metrics import graded_metrics, label_based_metrics, ranking_metrics, recall_at_k_multi
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def single_label_retrieval(
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     lab = np.asarray(labels, dtype=object)
     if len(lab) != len(emb):
-        raise ValueError(f"{len(lab)} labels for {len(emb)} embeddings")
+        raise InvalidArgumentError(f"{len(lab)} labels for {len(emb)} embeddings")
     _, codes = np.unique(lab.astype(str), return_inverse=True)
     parts: list[dict[str, np.ndarray]] = []
     for lo in range(0, len(emb), block):
@@ -130,7 +130,7 @@ def multi_label_retrieval(
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     lm = np.asarray(label_matrix, dtype=np.int64)
     if lm.shape[0] != len(emb):
-        raise ValueError(f"{lm.shape[0]} label rows for {len(emb)} embeddings")
+        raise InvalidArgumentError(f"{lm.shape[0]} label rows for {len(emb)} embeddings")
     queries = np.flatnonzero(lm.sum(axis=1) > 0)
     parts: list[dict[str, np.ndarray]] = []
     for lo in range(0, len(queries), block):
@@ -234,11 +234,11 @@ def read_multilabels(path: str | os.PathLike[str]) -> tuple[list[str], list[str]
     """(image paths relative to ``images/``, label names, 0/1 matrix) of a multilabels CSV."""
     df = pd.read_csv(path)
     if "image" not in df.columns or df.shape[1] < 2:
-        raise ValueError(f"{path}: expected an 'image' column and one 0/1 column per label")
+        raise InvalidArgumentError(f"{path}: expected an 'image' column and one 0/1 column per label")
     names = [c for c in df.columns if c != "image"]
     m = df[names].to_numpy()
     if not np.isin(m, (0, 1)).all():
-        raise ValueError(f"{path}: label columns must hold 0/1")
+        raise InvalidArgumentError(f"{path}: label columns must hold 0/1")
     return df["image"].astype(str).tolist(), names, m.astype(np.int64)
 
 
@@ -254,7 +254,7 @@ def read_test_captions(path: str | os.PathLike[str], split: str = "test") -> lis
                 if d.get("split") == split:
                     out.append((str(d["image"]), [str(c) for c in d["captions"]]))
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{ln}: bad captions line ({e})") from e
+                raise InvalidArgumentError(f"{path}:{ln}: bad captions line ({e})") from e
     return out
 
 
@@ -315,7 +315,7 @@ def evaluate_store(
         items = store.items
         emb = np.asarray(store.embeddings, dtype=np.float32)
         if len(store) < 2:
-            raise ValueError(f"store {store_dir} holds {len(store)} item(s); need at least 2")
+            raise InvalidArgumentError(f"store {store_dir} holds {len(store)} item(s); need at least 2")
         rep = StoreReport(str(store_dir), store.manifest.model.name,
                           data.dataset_name(store.root), len(store))
         paths = _real_paths(store.root, items["path"].tolist())

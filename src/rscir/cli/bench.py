@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import InvalidArgumentError, PathNotFoundError
 from .core import add_model_args
 
 
@@ -135,7 +136,7 @@ def _inputs_from_model(a: argparse.Namespace, data: Path, out: Path) -> tuple[An
 
     images = data / "images"
     if not images.is_dir():
-        raise FileNotFoundError(f"{images} does not exist (expected PatternNet/images/<class>/)")
+        raise PathNotFoundError(f"{images} does not exist (expected PatternNet/images/<class>/)")
     store_dir = Path(a.store) if a.store else out / "store"
     enc = default_registry().load(a.model, arch=a.arch, checkpoint=a.checkpoint, device=a.device)
     rep = index(images, store_dir, encoder=enc, batch_size=a.batch_size,
@@ -159,7 +160,7 @@ def _inputs_from_files(a: argparse.Namespace) -> tuple[Any, Any, dict]:
         meta["text_features"] = str(a.text_features)
         return db, load_text_features(a.text_features), meta
     if not Path(a.features).is_dir():
-        raise ValueError("--text-features is required unless --features is an rscir store")
+        raise InvalidArgumentError("--text-features is required unless --features is an rscir store")
     # A store knows its model: embed the texts with it (cached in the store).
     from ..api import load_encoder_for_store
     from ..stores.directory import DirectoryStore
@@ -177,13 +178,13 @@ def cmd_patterncom(a: argparse.Namespace) -> int:
 
     from_model = a.model is not None or a.arch is not None
     if from_model == (a.features is not None):
-        raise ValueError("give either --model (or --arch/--checkpoint) or --features")
+        raise InvalidArgumentError("give either --model (or --arch/--checkpoint) or --features")
     if from_model and a.text_features:
-        raise ValueError("--text-features goes with --features, not with --model")
+        raise InvalidArgumentError("--text-features goes with --features, not with --model")
     if a.memory_cap <= 0:
-        raise ValueError("--memory-cap must be > 0")
+        raise InvalidArgumentError("--memory-cap must be > 0")
     if a.workers is not None and a.workers < 1:
-        raise ValueError("--workers must be >= 1")
+        raise InvalidArgumentError("--workers must be >= 1")
     lams = parse_lams(a.lams)
     data, out = Path(a.data), Path(a.out)
     patterncom_dir(data)  # fail early, before any indexing, on a wrong --data
@@ -264,7 +265,7 @@ def _store_and_encoder(a: argparse.Namespace, images: Path, out: Path) -> tuple[
     from_model = a.model is not None or a.arch is not None
     if from_model or not (store_dir / "manifest.json").exists():
         if not images.is_dir():
-            raise FileNotFoundError(f"{images} does not exist: nothing to index")
+            raise PathNotFoundError(f"{images} does not exist: nothing to index")
         enc = default_registry().load(a.model, arch=a.arch, checkpoint=a.checkpoint,
                                       device=a.device)
         rep = index(images, store_dir, encoder=enc, progress=not a.no_progress)
@@ -345,7 +346,7 @@ def cmd_composed(a: argparse.Namespace) -> int:
     progress = None if a.no_progress else (lambda m: print(f"  {m}", file=sys.stderr))
     if a.patterncom:
         if not a.features:
-            raise ValueError("--patterncom needs --features (and --text-features or a store)")
+            raise InvalidArgumentError("--patterncom needs --features (and --text-features or a store)")
         db, texts, meta = _inputs_from_files(a)
         res = run_patterncom_ablation(a.patterncom, db, texts, methods=methods, lams=lams,
                                       options=opts, seed=a.seed, progress=progress,
@@ -412,7 +413,7 @@ def cmd_xview2(a: argparse.Namespace) -> int:
     data, out = Path(a.data), Path(a.out)
     csv_path = Path(a.csv) if a.csv else data / "xview2_cir.csv"
     if not csv_path.is_file():
-        raise FileNotFoundError(f"{csv_path} does not exist (pass --csv FILE)")
+        raise PathNotFoundError(f"{csv_path} does not exist (pass --csv FILE)")
     out.mkdir(parents=True, exist_ok=True)
     store_dir, enc = _store_and_encoder(a, data, out)
     progress = None if a.no_progress else (lambda m: print(f"  {m}", file=sys.stderr))

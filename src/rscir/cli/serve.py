@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any
 
+from ..errors import InvalidArgumentError, ServerError
 from .core import add_model_args
 from .extras import SERVE_MODULES, require
 
@@ -73,11 +74,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
                     ("--max-side", a.max_side), ("--decode-memory-mb", a.decode_memory_mb),
                     ("--max-connections", a.max_connections), ("--max-aspect", a.max_aspect)):
         if v < 1:
-            raise ValueError(f"{name} must be >= 1")
+            raise InvalidArgumentError(f"{name} must be >= 1")
     for name, f in (("--max-upload-mb", a.max_upload_mb), ("--header-timeout", a.header_timeout),
                     ("--body-timeout", a.body_timeout)):
         if not f > 0:
-            raise ValueError(f"{name} must be > 0")
+            raise InvalidArgumentError(f"{name} must be > 0")
     cfg = ServeConfig(max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
                       max_pixels=a.max_pixels, max_k=a.max_k, workers=a.workers,
                       max_side=a.max_side, max_aspect=a.max_aspect,
@@ -109,7 +110,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         server.run(sockets=[sock])
         if not server.started:
-            raise RuntimeError("the server failed to start (see the log above)")
+            raise ServerError("the server failed to start (see the log above)")
     finally:
         sock.close()
     return 0

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..errors import InvalidArgumentError
+
 ImageLike = Image.Image | np.ndarray
 
 
@@ -64,7 +66,7 @@ def to_pil_rgb(image: ImageLike) -> Image.Image:
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, axis=-1)
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected an HxW or HxWxC image array, got shape {arr.shape}")
+        raise InvalidArgumentError(f"expected an HxW or HxWxC image array, got shape {arr.shape}")
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
     return Image.fromarray(arr[..., :3])

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..errors import InvalidArgumentError
+
 PREFIX = "net."  # ImageTower keeps the DescriptorMLP as .net, whose Sequential is .net again
 
 
@@ -68,10 +70,10 @@ class NumpyDescriptorMLP:
         width = self.mean.shape[0]
         for w, b in self.layers:
             if self.std.shape != self.mean.shape or w.shape[0] != width or b.shape != w.shape[1:]:
-                raise ValueError(f"layer shapes do not chain: {w.shape} after width {width}")
+                raise InvalidArgumentError(f"layer shapes do not chain: {w.shape} after width {width}")
             width = w.shape[1]
         if embed_dim is not None and width != embed_dim:
-            raise ValueError(f"the tower embeds in {width} dimensions, not {embed_dim}")
+            raise InvalidArgumentError(f"the tower embeds in {width} dimensions, not {embed_dim}")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         h = (np.asarray(x, np.float32) - self.mean) / self.std

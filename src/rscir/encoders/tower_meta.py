@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..errors import InvalidArgumentError, PathNotFoundError
+
 TOWER_KINDS = ("cnn", "descriptor", "open_clip")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,13 +40,13 @@ class TowerConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in TOWER_KINDS:
-            raise ValueError(f"unknown tower {self.kind!r}; choose one of {', '.join(TOWER_KINDS)}")
+            raise InvalidArgumentError(f"unknown tower {self.kind!r}; choose one of {', '.join(TOWER_KINDS)}")
         if self.kind == "open_clip" and not self.arch:
-            raise ValueError("the open_clip tower needs an architecture (--arch)")
+            raise InvalidArgumentError("the open_clip tower needs an architecture (--arch)")
         if self.train_text and self.kind != "open_clip":
-            raise ValueError("training the text tower needs --tower open_clip (its own text tower)")
+            raise InvalidArgumentError("training the text tower needs --tower open_clip (its own text tower)")
         if self.image_size < 8 or self.pad < 0 or self.embed_dim < 1 or self.width < 1:
-            raise ValueError(f"bad tower sizes in {self}")
+            raise InvalidArgumentError(f"bad tower sizes in {self}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -98,7 +100,7 @@ def read_tower_meta(path: str | os.PathLike[str]) -> tuple[TowerConfig, dict[str
 
     path = str(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"tower weights not found: {path}")
+        raise PathNotFoundError(f"tower weights not found: {path}")
     want = "rscir-mini takes a model.safetensors written by `rscir train`"
     kind = weights_format(path)
     if kind == "torch":

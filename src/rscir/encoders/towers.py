@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..errors import InvalidArgumentError
 from .minilm import MiniLMText as MiniLMText  # the frozen text tower (re-exported)
 from .tower_meta import (
     IMAGENET_MEAN,
@@ -253,7 +254,7 @@ class OpenClipImageTower(nn.Module):
 
         add_rscir_configs()
         if arch not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip architecture {arch!r}")
+            raise InvalidArgumentError(f"unknown open_clip architecture {arch!r}")
         model = open_clip.create_model(arch, pretrained=None)
         if init_checkpoint:
             model.load_state_dict(load_state_dict(init_checkpoint), strict=False)
@@ -261,7 +262,7 @@ class OpenClipImageTower(nn.Module):
         self.with_text = with_text
         if with_text:
             if out != embed_dim:
-                raise ValueError(f"{arch} embeds in {out} dimensions; the tower's embed_dim is {embed_dim}")
+                raise InvalidArgumentError(f"{arch} embeds in {out} dimensions; the tower's embed_dim is {embed_dim}")
             self.clip = model
         else:
             self.visual = model.visual
@@ -392,10 +393,10 @@ def load_tower(path: str | os.PathLike[str]) -> tuple[ImageTower, dict[str, str]
     except RuntimeError as e:  # shape mismatches: name the first one, on one line
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         why = next((ln for ln in lines if ln.startswith("size mismatch")), lines[0])
-        raise ValueError(f"{path}: its weights do not fit the tower it describes ({why}); the "
+        raise InvalidArgumentError(f"{path}: its weights do not fit the tower it describes ({why}); the "
                          "file is damaged") from None
     if missing or unexpected:
-        raise ValueError(f"{path}: its weights do not fit the tower it describes (missing "
+        raise InvalidArgumentError(f"{path}: its weights do not fit the tower it describes (missing "
                          f"{list(missing)[:3]}, unexpected {list(unexpected)[:3]}); the file is "
                          "damaged or was not written by `rscir train`")
     return tower.eval(), meta

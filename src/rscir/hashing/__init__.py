@@ -9,6 +9,7 @@ cluster-sensitive multi-code hashing (one code per primitive region cluster, Rea
 
 from __future__ import annotations
 
+from ..errors import InvalidArgumentError
 from .base import BaseHasher, check_n_bits, hamming_distances, pack_bits, unpack_bits
 from .clustercode import (
     ClusterMultiCodeHasher,
@@ -46,7 +47,7 @@ HASHERS: dict[str, type[BaseHasher]] = {
 def make_hasher(name: str, n_bits: int, random_state: int | None = 0, **params: object) -> BaseHasher:
     """A hasher by short name (``lsh``, ``itq``, ``klsh``, ``ksh``, ``deep``)."""
     if name not in HASHERS:
-        raise ValueError(f"unknown hashing method {name!r}; choose from {', '.join(HASHERS)}")
+        raise InvalidArgumentError(f"unknown hashing method {name!r}; choose from {', '.join(HASHERS)}")
     return HASHERS[name](n_bits, random_state=random_state, **params)  # type: ignore[arg-type]
 
 

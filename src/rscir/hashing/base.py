@@ -16,6 +16,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ..errors import InvalidArgumentError
+
 # popcount of every byte value; the fallback for numpy < 2.0, which lacks np.bitwise_count
 _POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
@@ -23,9 +25,9 @@ _POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 def check_n_bits(n_bits: Any) -> int:
     """``n_bits`` as an int, or a ValueError saying why codes need whole bytes."""
     if isinstance(n_bits, bool) or not isinstance(n_bits, numbers.Integral):
-        raise ValueError(f"n_bits must be an integer, got {n_bits!r}")
+        raise InvalidArgumentError(f"n_bits must be an integer, got {n_bits!r}")
     if n_bits <= 0 or n_bits % 8:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"n_bits must be a positive multiple of 8 (codes are packed into bytes), got {n_bits}"
         )
     return int(n_bits)
@@ -35,7 +37,7 @@ def pack_bits(bits: np.ndarray) -> np.ndarray:
     """Boolean ``(..., n_bits)`` -> packed uint8 ``(..., n_bits // 8)``."""
     b = np.asarray(bits, dtype=bool)
     if b.shape[-1] % 8:
-        raise ValueError(f"the number of bits must be a multiple of 8, got {b.shape[-1]}")
+        raise InvalidArgumentError(f"the number of bits must be a multiple of 8, got {b.shape[-1]}")
     return np.packbits(b, axis=-1)
 
 
@@ -48,11 +50,11 @@ def check_codes(codes: Any, n_bytes: int | None = None, *, name: str = "codes") 
     """Validated packed codes: a uint8 array of at least 2-D, ``n_bytes`` per code if given."""
     c = np.asarray(codes)
     if c.dtype != np.uint8:
-        raise ValueError(f"{name} must be packed uint8 bits (from transform()), got dtype {c.dtype}")
+        raise InvalidArgumentError(f"{name} must be packed uint8 bits (from transform()), got dtype {c.dtype}")
     if c.ndim < 2:
-        raise ValueError(f"{name} must be at least 2-D (n, n_bytes), got shape {c.shape}")
+        raise InvalidArgumentError(f"{name} must be at least 2-D (n, n_bytes), got shape {c.shape}")
     if n_bytes is not None and c.shape[-1] != n_bytes:
-        raise ValueError(f"{name} have {c.shape[-1]} bytes per code, expected {n_bytes}")
+        raise InvalidArgumentError(f"{name} have {c.shape[-1]} bytes per code, expected {n_bytes}")
     return np.ascontiguousarray(c)
 
 
@@ -111,7 +113,7 @@ class BaseHasher(TransformerMixin, BaseEstimator):
         self.n_bits_ = check_n_bits(self.n_bits)
         X = validate_data(self, X, reset=True, dtype=np.float64, ensure_min_samples=2)
         if self.supervised and y is None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{type(self).__name__} requires y to be passed, but the target y is None "
                 "(it is supervised: fit(X, y) with class labels or a 0/1 indicator matrix)"
             )

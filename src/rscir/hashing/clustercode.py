@@ -38,6 +38,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
+from ..errors import InvalidArgumentError
 from .base import BaseHasher, check_codes, code_words, popcount_rows
 from .klsh import KernelLSHHasher
 from .regions import RegionDescriber
@@ -55,7 +56,7 @@ class RegionSets:
                             input_name="region descriptors") for s in sets]
         dims = {a.shape[1] for a in arrs}
         if len(dims) > 1:
-            raise ValueError(f"region descriptors of different lengths: {sorted(dims)}")
+            raise InvalidArgumentError(f"region descriptors of different lengths: {sorted(dims)}")
         d = dims.pop() if dims else 0
         values = np.concatenate(arrs) if arrs else np.zeros((0, d))
         owner = np.repeat(np.arange(len(arrs)), [len(a) for a in arrs])
@@ -126,10 +127,10 @@ class ClusterMultiCodeHasher(TransformerMixin, BaseEstimator):
         d = rs.values.shape[1]
         if reset:
             if rs.n_images < 2:
-                raise ValueError(f"n_samples={rs.n_images}: fit needs at least 2 images")
+                raise InvalidArgumentError(f"n_samples={rs.n_images}: fit needs at least 2 images")
             self.n_features_in_ = d
         elif len(rs.values) and d != self.n_features_in_:
-            raise ValueError(f"X has {d} features, but {type(self).__name__} is expecting "
+            raise InvalidArgumentError(f"X has {d} features, but {type(self).__name__} is expecting "
                              f"{self.n_features_in_} features as input (per region).")
         return rs
 
@@ -138,18 +139,18 @@ class ClusterMultiCodeHasher(TransformerMixin, BaseEstimator):
         """Fit the region scaler, the Gaussian mixture and one hasher per cluster."""
         b, k = int(self.n_bits), int(self.n_clusters)
         if isinstance(self.n_bits, bool) or b < 1 or b != self.n_bits:
-            raise ValueError(f"n_bits (bits per cluster code) must be a positive integer, got "
+            raise InvalidArgumentError(f"n_bits (bits per cluster code) must be a positive integer, got "
                              f"{self.n_bits!r}")
         check_absent(self.absent)
         if k < 1 or not 0.0 < float(self.threshold) <= 1.0:
-            raise ValueError(f"n_clusters must be >= 1 and threshold in (0, 1], got "
+            raise InvalidArgumentError(f"n_clusters must be >= 1 and threshold in (0, 1], got "
                              f"{self.n_clusters}, {self.threshold}")
         if y is None and getattr(self.hasher, "supervised", False):
-            raise ValueError(f"{type(self).__name__} with a supervised hasher requires y to be "
+            raise InvalidArgumentError(f"{type(self).__name__} with a supervised hasher requires y to be "
                              "passed, but the target y is None")
         rs = self._regions(X, reset=True)
         if len(rs.values) < k:
-            raise ValueError(f"n_clusters={k} needs at least {k} training regions, got "
+            raise InvalidArgumentError(f"n_clusters={k} needs at least {k} training regions, got "
                              f"{len(rs.values)}")
         rng = check_random_state(self.random_state)
         self.scaler_ = StandardScaler().fit(rs.values)
@@ -161,7 +162,7 @@ class ClusterMultiCodeHasher(TransformerMixin, BaseEstimator):
         base = self.hasher if self.hasher is not None else KernelLSHHasher()
         labels = None if y is None else np.asarray(y)
         if labels is not None and len(labels) != rs.n_images:
-            raise ValueError(f"y has {len(labels)} rows, X has {rs.n_images} images")
+            raise InvalidArgumentError(f"y has {len(labels)} rows, X has {rs.n_images} images")
         self.hashers_ = []
         for c in range(k):
             rows = np.flatnonzero(present[:, c])
@@ -227,7 +228,7 @@ ABSENT: tuple[str, ...] = ("zero", "max")
 
 def check_absent(absent: str) -> str:
     if absent not in ABSENT:
-        raise ValueError(f"unknown absent rule {absent!r}; choose from {', '.join(ABSENT)}")
+        raise InvalidArgumentError(f"unknown absent rule {absent!r}; choose from {', '.join(ABSENT)}")
     return absent
 
 

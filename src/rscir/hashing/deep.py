@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from sklearn.utils import check_random_state
 
+from ..errors import InvalidArgumentError
 from .base import BaseHasher
 from .ksh import label_matrix
 
@@ -71,15 +72,15 @@ class DeepMetricHasher(BaseHasher):
     def _check_params(self) -> tuple[int, ...]:
         hidden = tuple(int(h) for h in self.hidden_layer_sizes)
         if any(h < 1 for h in hidden):
-            raise ValueError(f"hidden_layer_sizes must be positive, got {self.hidden_layer_sizes}")
+            raise InvalidArgumentError(f"hidden_layer_sizes must be positive, got {self.hidden_layer_sizes}")
         if int(self.epochs) < 1 or int(self.batch_size) < 2:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"epochs must be >= 1 and batch_size >= 2, got {self.epochs} and {self.batch_size}"
             )
         if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise InvalidArgumentError(f"dropout must be in [0, 1), got {self.dropout}")
         if min(float(self.margin), float(self.quantization), float(self.balance)) < 0:
-            raise ValueError("margin, quantization and balance must be non-negative")
+            raise InvalidArgumentError("margin, quantization and balance must be non-negative")
         return hidden
 
     def _fit(self, X: np.ndarray, y: Any) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.utils import check_random_state
 
+from ..errors import InvalidArgumentError
 from .base import BaseHasher
 
 
@@ -29,7 +30,7 @@ class ITQHasher(BaseHasher):
     def _fit(self, X: np.ndarray, y: Any) -> None:
         n, d = X.shape
         if self.n_bits_ > min(n, d):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"PCA-ITQ needs n_bits <= min(n_samples, n_features) = {min(n, d)} "
                 f"(one principal direction per bit), got n_bits={self.n_bits_}"
             )

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics.pairwise import euclidean_distances, manhattan_distances, pairwise_kernels
 
+from ..errors import InvalidArgumentError
+
 GAMMA_KERNELS = frozenset({"rbf", "laplacian", "sigmoid", "polynomial", "poly", "chi2"})
 
 
@@ -37,7 +39,7 @@ class AnchorKernel:
         (training vectors to anchors), so the kernel adapts to the feature scale; for the
         Laplacian kernel, ``γ = 1 / mean L1 distance``."""
         if int(n_anchors) < 2:
-            raise ValueError(f"n_anchors must be at least 2, got {n_anchors}")
+            raise InvalidArgumentError(f"n_anchors must be at least 2, got {n_anchors}")
         p = min(int(n_anchors), X.shape[0])
         anchors = X[np.sort(rng.choice(X.shape[0], p, replace=False))]
         g = gamma

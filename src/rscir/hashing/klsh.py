@@ -17,6 +17,7 @@ import numpy as np
 from sklearn.preprocessing import KernelCenterer
 from sklearn.utils import check_random_state
 
+from ..errors import InvalidArgumentError
 from .base import BaseHasher
 from .kernel import AnchorKernel
 
@@ -45,7 +46,7 @@ class KernelLSHHasher(BaseHasher):
         self.kernel_ = AnchorKernel.fit(X, self.n_anchors, self.kernel, self.gamma, rng)
         p = self.kernel_.anchors.shape[0]
         if int(self.subset_size) < 1:
-            raise ValueError(f"subset_size must be at least 1, got {self.subset_size}")
+            raise InvalidArgumentError(f"subset_size must be at least 1, got {self.subset_size}")
         # fewer anchors than the subset (a small training set): half of them per bit (all of
         # them would make every bit the same hyperplane)
         t = int(self.subset_size) if int(self.subset_size) <= p else max(1, p // 2)

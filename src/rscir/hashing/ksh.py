@@ -21,6 +21,7 @@ import numpy as np
 import scipy.optimize
 from sklearn.utils import check_random_state
 
+from ..errors import InvalidArgumentError
 from .base import BaseHasher
 from .kernel import AnchorKernel
 
@@ -30,7 +31,7 @@ def label_matrix(y: Any, n: int) -> np.ndarray:
     2-D 0/1 multi-label indicator array."""
     arr = np.asarray(y)
     if arr.shape[0] != n:
-        raise ValueError(f"y has {arr.shape[0]} rows, X has {n}")
+        raise InvalidArgumentError(f"y has {arr.shape[0]} rows, X has {n}")
     if arr.ndim == 1:
         _, inv = np.unique(arr, return_inverse=True)
         out = np.zeros((n, int(inv.max()) + 1), bool)
@@ -38,9 +39,9 @@ def label_matrix(y: Any, n: int) -> np.ndarray:
         return out
     if arr.ndim == 2:
         if not np.isin(arr, [0, 1]).all():
-            raise ValueError("a 2-D y must be a 0/1 multi-label indicator matrix")
+            raise InvalidArgumentError("a 2-D y must be a 0/1 multi-label indicator matrix")
         return arr.astype(bool)
-    raise ValueError(f"y must be 1-D class labels or a 2-D indicator matrix, got shape {arr.shape}")
+    raise InvalidArgumentError(f"y must be 1-D class labels or a 2-D indicator matrix, got shape {arr.shape}")
 
 
 def pairwise_similarity(labels: np.ndarray) -> np.ndarray:

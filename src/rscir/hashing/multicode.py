@@ -24,6 +24,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils.validation import check_array, check_is_fitted
 
+from ..errors import InvalidArgumentError
 from .base import BaseHasher, check_codes, code_words, hamming_distances, popcount_rows
 
 MATCHES: tuple[str, ...] = ("aligned", "min")
@@ -36,18 +37,18 @@ def _check_regions(X: Any, name: str = "X") -> np.ndarray:
     if x.ndim == 2:
         x = x[:, None, :]
     if x.ndim != 3:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name} must be a 3-D array (n_images, n_regions, n_features) of region vectors "
             f"(or 2-D, one region per image), got shape {x.shape}"
         )
     if x.shape[1] < 1 or x.shape[2] < 1:
-        raise ValueError(f"{name} needs at least one region and one feature, got shape {x.shape}")
+        raise InvalidArgumentError(f"{name} needs at least one region and one feature, got shape {x.shape}")
     return x
 
 
 def check_match(match: str) -> str:
     if match not in MATCHES:
-        raise ValueError(f"unknown match {match!r}; choose from {', '.join(MATCHES)}")
+        raise InvalidArgumentError(f"unknown match {match!r}; choose from {', '.join(MATCHES)}")
     return match
 
 
@@ -66,7 +67,7 @@ class MultiCodeHasher(TransformerMixin, BaseEstimator):
         check_match(self.match)
         n, m, d = x.shape
         if n * m < 2:
-            raise ValueError(f"n_samples={n} images with {m} region(s): need at least 2 regions")
+            raise InvalidArgumentError(f"n_samples={n} images with {m} region(s): need at least 2 regions")
         yy = None if y is None else np.repeat(np.asarray(y), m, axis=0)
         h = clone(self.hasher)
         if self.random_state is not None:  # one seed for the whole estimator, as sklearn expects
@@ -82,7 +83,7 @@ class MultiCodeHasher(TransformerMixin, BaseEstimator):
         x = _check_regions(X)
         n, m, d = x.shape
         if d != self.n_features_in_:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"X has {d} features, but {type(self).__name__} is expecting "
                 f"{self.n_features_in_} features as input (per region)."
             )
@@ -108,13 +109,13 @@ def multicode_distances(
     q = check_codes(q_codes, name="query codes")
     c = check_codes(codes, q.shape[-1], name="archive codes")
     if q.ndim != 3 or c.ndim != 3:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"multi-codes must be 3-D (n, n_regions, n_bytes), got {q.shape} and {c.shape}"
         )
     (nq, mq, _), (n, m, _) = q.shape, c.shape
     if match == "aligned":
         if mq != m:
-            raise ValueError(f"aligned matching needs equal region counts, got {mq} and {m}")
+            raise InvalidArgumentError(f"aligned matching needs equal region counts, got {mq} and {m}")
         return hamming_distances(q.reshape(nq, -1), c.reshape(n, -1), max_elems)
     wq, wc = code_words(q), code_words(c)  # (nq, mq, w), (n, m, w)
     out = np.empty((nq, n), np.int32)

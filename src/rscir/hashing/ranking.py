@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
+from ..errors import InvalidArgumentError
 from ..moments import ArchiveMoments, Moments
 from ..scoring import QueryStats, fuse, topk
 from ..search.topk import candidate_similarities
@@ -85,14 +86,14 @@ class HammingIndex:
 
         self.n_bits = check_n_bits(n_bits)
         if kind not in INDEX_KINDS:
-            raise ValueError(f"unknown index kind {kind!r}; choose from {', '.join(INDEX_KINDS)}")
+            raise InvalidArgumentError(f"unknown index kind {kind!r}; choose from {', '.join(INDEX_KINDS)}")
         self.kind = kind
         if kind == "flat":
             self.index = faiss.IndexBinaryFlat(self.n_bits)
         elif kind == "mih":
             nh = nhash if nhash is not None else max(1, self.n_bits // 16)
             if nh < 1 or self.n_bits % nh or self.n_bits // nh > 63:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"nhash={nh} must divide n_bits={self.n_bits} into substrings of ≤ 63 bits"
                 )
             self.index = faiss.IndexBinaryMultiHash(self.n_bits, nh, self.n_bits // nh)
@@ -113,9 +114,9 @@ class HammingIndex:
         """Distances (Q, k) int32 and rows (Q, k) int64, nearest first; −1 where fewer found."""
         q = check_codes(q_codes, self.n_bits // 8, name="query codes")
         if int(k) < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+            raise InvalidArgumentError(f"k must be at least 1, got {k}")
         if self.ntotal == 0:
-            raise ValueError("the index is empty: add() codes first")
+            raise InvalidArgumentError("the index is empty: add() codes first")
         dist, ids = self.index.search(q, int(k))
         return canonical_order(dist, ids)
 
@@ -129,9 +130,9 @@ def rerank(
     cand = np.atleast_2d(np.asarray(candidates, np.int64))
     q = np.atleast_2d(np.asarray(queries))
     if q.shape[0] != cand.shape[0]:
-        raise ValueError(f"{q.shape[0]} queries but {cand.shape[0]} candidate rows")
+        raise InvalidArgumentError(f"{q.shape[0]} queries but {cand.shape[0]} candidate rows")
     if q.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"queries have dim {q.shape[1]}, embeddings have {embeddings.shape[1]}")
+        raise InvalidArgumentError(f"queries have dim {q.shape[1]}, embeddings have {embeddings.shape[1]}")
     sims = np.where(cand >= 0, candidate_similarities(embeddings, cand, q), -np.inf)
     pos, vals = topk(sims, k)
     rows = np.take_along_axis(cand, pos, axis=1)
@@ -234,7 +235,7 @@ def composed_hamming_scores(
     scan (or from ``moments`` if given); with ``rows`` (Q, C) only those candidates are scored
     and ``moments`` supplies the exact archive statistics (required for WeiCom)."""
     if rows is not None and method == "weicom" and moments is None:
-        raise ValueError("scoring candidate rows with WeiCom needs the archive's CodeMoments")
+        raise InvalidArgumentError("scoring candidate rows with WeiCom needs the archive's CodeMoments")
     si = None if img_codes is None else hamming_similarity(img_codes, codes, rows)
     st = None if txt_codes is None else hamming_similarity(txt_codes, codes, rows)
     kw: dict[str, Any] = {}

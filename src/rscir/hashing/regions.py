@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
+
 SEGMENTATIONS: tuple[str, ...] = ("slic", "felzenszwalb")
 LBP_BINS = 10  # uniform rotation-invariant LBP with P = 8 has P + 2 codes
 FEATURE_NAMES: tuple[str, ...] = (
@@ -45,10 +47,10 @@ class RegionDescriber:
 
     def __post_init__(self) -> None:
         if self.segmentation not in SEGMENTATIONS:
-            raise ValueError(f"unknown segmentation {self.segmentation!r}; choose from "
+            raise InvalidArgumentError(f"unknown segmentation {self.segmentation!r}; choose from "
                              f"{', '.join(SEGMENTATIONS)}")
         if self.size < 8 or self.n_segments < 1:
-            raise ValueError(f"size must be >= 8 and n_segments >= 1, got {self.size}, "
+            raise InvalidArgumentError(f"size must be >= 8 and n_segments >= 1, got {self.size}, "
                              f"{self.n_segments}")
 
     @property

@@ -57,7 +57,7 @@ class QueryStats:
         """Statistics of full-archive similarities (last axis = archive), float64 accumulation."""
         s = np.asarray(sims)
         if s.shape[-1] < 2:
-            raise ValueError("WeiCom normalization needs an archive of at least 2 items")
+            raise InvalidArgumentError("WeiCom normalization needs an archive of at least 2 items")
         mean = s.mean(axis=-1, keepdims=True, dtype=np.float64)
         std = s.std(axis=-1, keepdims=True, ddof=1, dtype=np.float64)
         return cls(mean=mean, std=std)

@@ -30,7 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..caching import LRU
-from ..errors import QueryError, UnknownItemError
+from ..errors import InvalidArgumentError, QueryError, UnknownItemError
 from ..scoring import method_names, method_spec
 from ..search.export import MEDIA_TYPES, render
 from ..search.results import SearchResult
@@ -104,7 +104,7 @@ class FilterSpec(BaseModel):
     @classmethod
     def _labels(cls, v: list[str]) -> list[str]:
         if any(not s or len(s) > 200 for s in v):
-            raise ValueError("labels must be 1..200 characters")
+            raise InvalidArgumentError("labels must be 1..200 characters")
         return v
 
     def to_filter(self) -> ItemFilter | None:
@@ -141,7 +141,7 @@ class SearchRequest(BaseModel):
     @classmethod
     def _lams(cls, v: list[float] | None) -> list[float] | None:
         if v is not None and not all(0.0 <= x <= 1.0 for x in v):
-            raise ValueError("every λ must be in [0, 1]")
+            raise InvalidArgumentError("every λ must be in [0, 1]")
         return v
 
 

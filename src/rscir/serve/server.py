@@ -18,7 +18,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidArgumentError, missing_dependency
+from ..errors import InvalidArgumentError, ServerError, missing_dependency
 
 if TYPE_CHECKING:
     import uvicorn
@@ -39,12 +39,12 @@ def is_loopback(host: str) -> bool:
 def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """A listening TCP socket on ``host:port`` (port 0: any free port)."""
     if not 0 <= port <= 65535:
-        raise ValueError(f"port must be in 0..65535, got {port}")
+        raise InvalidArgumentError(f"port must be in 0..65535, got {port}")
     try:
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise ValueError(f"cannot resolve host {host!r}: {e.strerror}") from None
+        raise InvalidArgumentError(f"cannot resolve host {host!r}: {e.strerror}") from None
     family, kind, proto, _, addr = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -53,7 +53,7 @@ def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
         sock.listen(2048)
     except OSError as e:
         sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        raise ServerError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     sock.set_inheritable(True)
     return sock
 
@@ -109,7 +109,7 @@ class ServerThread:
             time.sleep(0.02)
         if not self.server.started:
             self.__exit__()
-            raise RuntimeError("the server did not start")
+            raise ServerError("the server did not start")
         return self.url
 
     def __exit__(self, *exc: object) -> None:

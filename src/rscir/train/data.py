@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InvalidArgumentError, PathNotFoundError
+
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"})
 
 DEFAULT_TEMPLATES = (
@@ -53,7 +55,7 @@ class PairSet:
     def __post_init__(self) -> None:
         n = len(self.paths)
         if not (len(self.captions) == len(self.groups) == len(self.labels) == n):
-            raise ValueError("paths, captions, groups and labels must have the same length")
+            raise InvalidArgumentError("paths, captions, groups and labels must have the same length")
 
     @classmethod
     def merge(cls, sets: Iterable[PairSet]) -> PairSet:
@@ -96,7 +98,7 @@ class PairSet:
     def split(self, fraction: float, seed: int) -> tuple[PairSet, PairSet]:
         """(train, held-out): a seeded random ``fraction`` of images is held out."""
         if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
+            raise InvalidArgumentError(f"held-out fraction must be in [0, 1), got {fraction}")
         n = len(self)
         n_val = int(round(n * fraction))
         perm = np.random.default_rng(seed).permutation(n)
@@ -164,7 +166,7 @@ def _resolve_root(file: Path, first: str, root: str | os.PathLike[str] | None) -
     for cand in (file.parent, file.parent / "images"):
         if (cand / first).exists():
             return cand
-    raise FileNotFoundError(
+    raise PathNotFoundError(
         f"cannot find image {first!r} listed in {file} next to it or under {file.parent / 'images'}; "
         "pass the image folder with --image-root"
     )
@@ -185,7 +187,7 @@ def read_captions(
     split column are kept). ``splits=None`` keeps every row."""
     path = Path(file)
     if not path.is_file():
-        raise FileNotFoundError(f"captions file not found: {path}")
+        raise PathNotFoundError(f"captions file not found: {path}")
     rows: list[tuple[str, list[str], str | None]] = []
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
         with path.open(encoding="utf-8") as f:
@@ -195,11 +197,11 @@ def read_captions(
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{ln}: not valid JSON ({e})") from e
+                    raise InvalidArgumentError(f"{path}:{ln}: not valid JSON ({e})") from e
                 img = obj.get("image") or obj.get("path") or obj.get("filename")
                 caps = obj.get("captions", obj.get("caption"))
                 if img is None or caps is None:
-                    raise ValueError(f"{path}:{ln}: needs 'image' and 'captions' (or 'caption')")
+                    raise InvalidArgumentError(f"{path}:{ln}: needs 'image' and 'captions' (or 'caption')")
                 caps = [caps] if isinstance(caps, str) else list(caps)
                 rows.append((str(img), [str(c) for c in caps], obj.get("split")))
     else:
@@ -209,7 +211,7 @@ def read_captions(
             icol = cols.get("image") or cols.get("path") or cols.get("filename")
             ccol = cols.get("caption") or cols.get("captions") or cols.get("text")
             if icol is None or ccol is None:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"{path}: a captions CSV needs an 'image' (or 'path') and a 'caption' column; "
                     f"found {reader.fieldnames}"
                 )
@@ -218,7 +220,7 @@ def read_captions(
                 caps = [c.strip() for c in (r[ccol] or "").split("|") if c.strip()]
                 rows.append((r[icol], caps, r[scol] if scol else None))
     if not rows:
-        raise ValueError(f"{path}: no captions found")
+        raise InvalidArgumentError(f"{path}: no captions found")
     base = _resolve_root(path, rows[0][0], root)
     merged: dict[str, tuple[list[str], str | None]] = {}
     for img, caps, split in rows:
@@ -262,12 +264,12 @@ def read_class_folders(
     """``ROOT/<class>/<image>``: every image gets the templates filled with its class phrase."""
     base = Path(root)
     if not base.is_dir():
-        raise NotADirectoryError(f"class-folder archive not found: {base}")
+        raise InvalidArgumentError(f"class-folder archive not found: {base}")
     if not templates:
-        raise ValueError("at least one caption template is needed")
+        raise InvalidArgumentError("at least one caption template is needed")
     for t in templates:
         if "{class}" not in t:
-            raise ValueError(f"template {t!r} must contain '{{class}}'")
+            raise InvalidArgumentError(f"template {t!r} must contain '{{class}}'")
     out = PairSet()
     for cls_dir in sorted(d for d in base.iterdir() if d.is_dir()):
         phrase = class_phrase(cls_dir.name, phrases)
@@ -279,7 +281,7 @@ def read_class_folders(
                 out.groups.append([f"class:{phrase}"] * len(caps))
                 out.labels.append(cls_dir.name)
     if not out.paths:
-        raise ValueError(f"no images found in class folders under {base}")
+        raise InvalidArgumentError(f"no images found in class folders under {base}")
     return out
 
 
@@ -301,27 +303,27 @@ def read_multilabels(
     order); images with no label are skipped."""
     path = Path(file)
     if not path.is_file():
-        raise FileNotFoundError(f"multi-label file not found: {path}")
+        raise PathNotFoundError(f"multi-label file not found: {path}")
     if "{labels}" not in template:
-        raise ValueError(f"template {template!r} must contain '{{labels}}'")
+        raise InvalidArgumentError(f"template {template!r} must contain '{{labels}}'")
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if not header:
-            raise ValueError(f"{path}: empty multi-label file")
+            raise InvalidArgumentError(f"{path}: empty multi-label file")
         rows = [r for r in reader if r]
     lower = [h.lower() for h in header]
     icol = next((lower.index(k) for k in ("image", "path", "filename") if k in lower), 0)
     label_cols = [j for j in range(len(header)) if j != icol]
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise InvalidArgumentError(f"{path}: no rows")
     base = _resolve_root(path, rows[0][icol], root)
     out = PairSet()
     for ln, r in enumerate(rows, 2):
         try:
             present = [header[j] for j in label_cols if float(r[j]) > 0]
         except (ValueError, IndexError) as e:
-            raise ValueError(f"{path}:{ln}: label values must be 0/1 numbers ({e})") from e
+            raise InvalidArgumentError(f"{path}:{ln}: label values must be 0/1 numbers ({e})") from e
         if not present:
             continue
         cap = template.replace("{labels}", join_phrases([class_phrase(w, phrases) for w in present]))
@@ -337,9 +339,9 @@ def parse_phrases(items: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for it in items:
         if "=" not in it:
-            raise ValueError(f"--phrase expects NAME=WORDS, got {it!r}")
+            raise InvalidArgumentError(f"--phrase expects NAME=WORDS, got {it!r}")
         k, v = it.split("=", 1)
         if not k.strip() or not v.strip():
-            raise ValueError(f"--phrase expects NAME=WORDS, got {it!r}")
+            raise InvalidArgumentError(f"--phrase expects NAME=WORDS, got {it!r}")
         out[k.strip()] = v.strip()
     return out

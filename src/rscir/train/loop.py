@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..encoders.towers import ImageTower, embed_cached, export_tower
-from ..errors import ModelError
+from ..errors import InvalidArgumentError, ModelError
 from .data import PairSet, Vocabulary
 from .metrics import evaluate_embeddings
 
@@ -59,9 +59,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # 0 epochs: export the seeded, untrained tower (the random floor of the model card)
         if self.epochs < 0 or self.batch_size < 2:
-            raise ValueError("need at least 0 epochs and a batch size of at least 2")
+            raise InvalidArgumentError("need at least 0 epochs and a batch size of at least 2")
         if self.lr <= 0 or not 0 < self.init_temperature < 1:
-            raise ValueError("lr must be > 0 and the initial temperature in (0, 1)")
+            raise InvalidArgumentError("lr must be > 0 and the initial temperature in (0, 1)")
 
     def trajectory_key(self) -> dict[str, Any]:
         d = asdict(self)
@@ -223,7 +223,7 @@ class Trainer:
         progress: bool = True,
     ) -> None:
         if len(train) < 2:
-            raise ValueError("need at least 2 training images")
+            raise InvalidArgumentError("need at least 2 training images")
         self.config = config
         self.device = resolve_device(config.device)
         self.tower = tower.to(self.device)
@@ -309,7 +309,7 @@ class Trainer:
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         sd = torch.load(path, map_location="cpu", weights_only=True)
         if sd.get("run_key") != self.run_key:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"checkpoint {path} belongs to another run (different data, tower or settings); "
                 "use a new output folder or --no-resume to start over"
             )

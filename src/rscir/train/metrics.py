@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from sklearn.metrics import label_ranking_average_precision_score
 
+from ..errors import InvalidArgumentError
+
 KS = (1, 5, 10)
 
 
@@ -28,7 +30,7 @@ def recall_at_k(scores: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = KS
     scores = np.asarray(scores, np.float64)
     relevant = np.asarray(relevant, bool)
     if scores.shape != relevant.shape:
-        raise ValueError(f"scores {scores.shape} and relevance {relevant.shape} differ")
+        raise InvalidArgumentError(f"scores {scores.shape} and relevance {relevant.shape} differ")
     keep = relevant.any(axis=1)
     scores, relevant = scores[keep], relevant[keep]
     if len(scores) == 0:

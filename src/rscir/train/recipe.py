@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..encoders.towers import MiniLMText, TowerConfig, build_tower
+from ..errors import InvalidArgumentError
 from .data import (
     DEFAULT_MULTILABEL_TEMPLATE,
     DEFAULT_TEMPLATES,
@@ -47,7 +48,7 @@ class DataSources:
 
     def __post_init__(self) -> None:
         if not (self.captions or self.class_folders or self.multilabels):
-            raise ValueError(
+            raise InvalidArgumentError(
                 "no training data: give --captions FILE, --class-folders DIR and/or --multilabels CSV"
             )
 
@@ -77,7 +78,7 @@ def prepare_pairs(src: DataSources, seed: int) -> PreparedData:
     ]
     pool = PairSet.merge(sets).without(test.paths)
     if len(pool) < 4:
-        raise ValueError(f"only {len(pool)} training images after removing held-out images")
+        raise InvalidArgumentError(f"only {len(pool)} training images after removing held-out images")
     train, val = pool.split(src.val_fraction, seed)
     return PreparedData(train, val, test, Vocabulary.build(train, val, test))
 
@@ -116,7 +117,7 @@ def train_tower(
     else:
         text_model = text_model or MiniLMText(device=_text_device(config.device))
         if tower_config.embed_dim != text_model.dim:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"tower embed_dim {tower_config.embed_dim} != text tower dim {text_model.dim}"
             )
         text_emb = _embed_vocabulary(data.vocab.texts, text_model, cache)
@@ -180,7 +181,7 @@ def _open_clip_text(
     assert cfg.arch is not None
     mcfg = open_clip.get_model_config(cfg.arch)
     if mcfg is None:
-        raise ValueError(f"unknown open_clip architecture {cfg.arch!r}")
+        raise InvalidArgumentError(f"unknown open_clip architecture {cfg.arch!r}")
     cfg = TowerConfig(**{**asdict(cfg), "embed_dim": int(mcfg["embed_dim"])})
     tokens = open_clip.get_tokenizer(cfg.arch)(texts)
     return cfg, tokens, {"name": f"open_clip:{cfg.arch}", "fingerprint": "trained"}
@@ -189,12 +190,12 @@ def _open_clip_text(
 def heldout_set(src: DataSources) -> PairSet:
     """The images (with captions) of the captions files' held-out split."""
     if not src.captions:
-        raise ValueError("evaluation needs --captions FILE with a held-out split")
+        raise InvalidArgumentError("evaluation needs --captions FILE with a held-out split")
     test = PairSet.merge(
         heldout_images(f, root=src.image_root, splits=(src.heldout_split,)) for f in src.captions
     )
     if not len(test):
-        raise ValueError(f"no images in split {src.heldout_split!r} of {', '.join(src.captions)}")
+        raise InvalidArgumentError(f"no images in split {src.heldout_split!r} of {', '.join(src.captions)}")
     return test
 
 
