@@ -229,12 +229,14 @@ def build_queries(
         raise InvalidArgumentError(
             f"no (class, label) group has {min_relevant} tiles on each side: lower min_relevant"
         )
-    task_a, q, t, g, cls, lab = (np.array(x) for x in zip(*recs, strict=True))
-    split = np.where(val[q], "val", "test")
-    detail = pd.DataFrame({"task": task_a, "query": [tiles.paths[i] for i in q], "class": cls,
-                           "label": lab, "text": [texts[i] for i in t], "split": split})
-    return ComposedQueries(task_a, q.astype(np.int64), t.astype(np.int64), texts,
-                           g.astype(np.int64), relevant, split, detail)
+    cols: list[np.ndarray] = [np.array(x) for x in zip(*recs, strict=True)]
+    task_a, qrow, tid, grp, cls_a, lab_a = cols
+    split = np.where(val[qrow], "val", "test")
+    detail = pd.DataFrame({"task": task_a, "query": [tiles.paths[i] for i in qrow],
+                           "class": cls_a, "label": lab_a, "text": [texts[i] for i in tid],
+                           "split": split})
+    return ComposedQueries(task_a, qrow.astype(np.int64), tid.astype(np.int64), texts,
+                           grp.astype(np.int64), relevant, split, detail)
 
 
 def queries_from_patterncom(
@@ -351,7 +353,8 @@ class ComposedResult:
             lam = self.choose_lambda(m, task, select_on)
             rec: dict[str, object] = {"lambda": "-" if lam is None else f"{lam:g}"}
             rec[f"{select_on} mAP"] = self.mean(m, lam, task, select_on)
-            rec["mAP"] = self.mean(m, lam, task, report_on)
+            m_ap = self.mean(m, lam, task, report_on)
+            rec["mAP"] = m_ap
             for k in self.ks:
                 rec[f"R@{k}"] = self.mean(m, lam, task, report_on, f"R@{k}")
             for k in self.ks:
@@ -361,7 +364,7 @@ class ComposedResult:
             best = int(np.nanargmax(vals))
             rec["oracle mAP"] = vals[best]
             rec["oracle lambda"] = "-" if lams[best] is None else f"{lams[best]:g}"
-            rec[f"Δ vs {baseline}"] = rec["mAP"] - base if base is not None else float("nan")
+            rec[f"Δ vs {baseline}"] = m_ap - base if base is not None else float("nan")
             rows[m] = rec
         df = pd.DataFrame.from_dict(rows, orient="index")
         df.index.name = "method"

@@ -214,8 +214,8 @@ def make_patterncom(
     if write_images:
         _write_images(root, paths, labels, image_size, rng)
     feats_path = Path(out_dir) / "patternnet_features.pkl"
-    with open(feats_path, "wb") as f:
-        pickle.dump({"feats": feats, "labels": labels, "paths": paths}, f)
+    with open(feats_path, "wb") as fb:
+        pickle.dump({"feats": feats, "labels": labels, "paths": paths}, fb)
     text_path = Path(out_dir) / "patterncom_texts.npz"
     save_text_features(text_path, text_feats)
     return PatternComFixture(root, feats_path, text_path, feats, paths, labels, text_feats)

@@ -771,7 +771,7 @@ def _safe_globals() -> dict[tuple[str, str], Any]:
     for mod in ("numpy.core", "numpy._core"):
         allowed[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct
         allowed[(f"{mod}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{mod}.numeric", "_frombuffer")] = numeric._frombuffer
+        allowed[(f"{mod}.numeric", "_frombuffer")] = getattr(numeric, "_frombuffer")  # noqa: B009 - private in numpy
     for mod in ("builtins", "__builtin__"):  # protocols 0-2 name the Python 2 module
         for cls in (set, frozenset, bytearray, complex, slice, range):
             allowed[(mod, cls.__name__)] = cls

@@ -42,7 +42,9 @@ class _TextSims:
 
     def sorted(self, which: str) -> np.ndarray:
         if which not in self._sorted:
-            self._sorted[which] = np.sort(self.raw if which == "raw" else self.norm, axis=1)
+            m = self.raw if which == "raw" else self.norm
+            assert m is not None  # normalized rows exist when WeiCom asked for them
+            self._sorted[which] = np.sort(m, axis=1)
         return self._sorted[which]
 
 
@@ -86,7 +88,8 @@ def evaluate_pairs(
         moments = ArchiveMoments.of(db)
     raw_t = text_feats @ db.T
     tsims = _TextSims(
-        raw_t, normalize_cdf(raw_t, moments.query_stats(text_feats)) if need_norm else None
+        raw_t, normalize_cdf(raw_t, moments.query_stats(text_feats))
+        if need_norm and moments is not None else None
     )
     if any(c.method == "text" or (c.method == "weicom" and c.lam == 1.0) for c in configs):
         tsims.sorted("raw")  # shared by all threads: sort before they start
@@ -115,7 +118,8 @@ def evaluate_pairs(
         idx_chunk = order[lo:hi]
         uq, qi_chunk = np.unique(pairs.query[idx_chunk], return_inverse=True)
         s_img = db[uq] @ db.T
-        n_img = normalize_cdf(s_img, moments.query_stats(db[uq])) if need_norm else None
+        n_img = (normalize_cdf(s_img, moments.query_stats(db[uq]))
+                 if need_norm and moments is not None else None)
         img_sorted: dict[str, np.ndarray] = {}
         for b in range(0, hi - lo, block):
             sl = slice(b, min(b + block, hi - lo))
@@ -175,6 +179,7 @@ def _config_ranks(
     for kind in kinds:
         if kind not in rows:
             src = {"ni": n_img, "nt": tsims.norm, "si": s_img, "st": tsims.raw}[kind]
+            assert src is not None  # the sides this method uses were computed
             rows[kind] = src[qi if kind[1] == "i" else ti]
     if c.method == "weicom":
         fused = weicom_from_normalized(rows["ni"], rows["nt"], lam)

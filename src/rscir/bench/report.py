@@ -150,7 +150,8 @@ def write_patterncom_report(
     }
     t3 = lambda_table(result)
     if t3 is not None:
-        doc["tables"]["table3"] = json.loads(t3.to_json(orient="index"))
+        tables: dict[str, Any] = doc["tables"]  # type: ignore[assignment]  # built just above
+        tables["table3"] = json.loads(t3.to_json(orient="index"))
     _atomic_write(out / "per_pair.json", json.dumps(doc, ensure_ascii=False))
     written["json"] = out / "per_pair.json"
     return written

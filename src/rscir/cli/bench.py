@@ -14,7 +14,7 @@ from ..errors import InvalidArgumentError, PathNotFoundError
 from .core import add_model_args
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     """Add ``rscir bench`` and its benchmarks to the rscir parser."""
     p = sub.add_parser("bench", help="benchmarks: PatternCom / real-tile / xView2-CIR composed "
                                       "retrieval, RS retrieval")
@@ -75,7 +75,7 @@ def cmd_rsir(a: argparse.Namespace) -> int:
     return 0
 
 
-def register_patterncom(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register_patterncom(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "patterncom",
         help="the PatternCom composed-retrieval protocol (Table 2 / Table 3 of the WeiCom paper)",
@@ -300,7 +300,7 @@ def _print_summary(res: Any, written: dict, out: Path, as_json: bool, header: st
     print(f"\nwritten to {out}/: " + ", ".join(sorted(p.name for p in written.values())))
 
 
-def register_composed(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register_composed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "composed",
         help="composed retrieval on real tiles (UCM multi-labels) and the fusion ablation",
@@ -373,7 +373,7 @@ def cmd_composed(a: argparse.Namespace) -> int:
     return 0
 
 
-def register_xview2(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register_xview2(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "xview2-cir",
         help="the xView2-CIR change-centric protocol (pre-disaster tile + text -> post tile)",

@@ -18,7 +18,7 @@ from typing import Any
 from ..train.data import DEFAULT_MULTILABEL_TEMPLATE, DEFAULT_TEMPLATES
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     """Add ``rscir train`` to the rscir parser."""
     p = sub.add_parser(
         "train",

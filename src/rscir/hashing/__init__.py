@@ -48,7 +48,7 @@ def make_hasher(name: str, n_bits: int, random_state: int | None = 0, **params: 
     """A hasher by short name (``lsh``, ``itq``, ``klsh``, ``ksh``, ``deep``)."""
     if name not in HASHERS:
         raise InvalidArgumentError(f"unknown hashing method {name!r}; choose from {', '.join(HASHERS)}")
-    return HASHERS[name](n_bits, random_state=random_state, **params)  # type: ignore[arg-type]
+    return HASHERS[name](n_bits, random_state=random_state, **params)
 
 
 __all__ = [

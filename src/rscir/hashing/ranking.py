@@ -88,6 +88,7 @@ class HammingIndex:
         if kind not in INDEX_KINDS:
             raise InvalidArgumentError(f"unknown index kind {kind!r}; choose from {', '.join(INDEX_KINDS)}")
         self.kind = kind
+        self.index: Any  # a FAISS binary index of the kind asked for
         if kind == "flat":
             self.index = faiss.IndexBinaryFlat(self.n_bits)
         elif kind == "mih":

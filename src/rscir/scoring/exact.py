@@ -136,9 +136,9 @@ def _expand(
     valid = rows >= 0
     flat = np.where(valid, rows, 0).ravel()
     order = np.argsort(flat, kind="stable")  # sorted reads for memory-mapped archives
-    x = np.empty((flat.size, base.shape[1]))
-    x[order] = np.asarray(embeddings[flat[order]], np.float64)
-    x = x.reshape(q, k, -1)
+    flat_x = np.empty((flat.size, base.shape[1]))
+    flat_x[order] = np.asarray(embeddings[flat[order]], np.float64)
+    x = flat_x.reshape(q, k, -1)
     if mu is not None:
         x -= mu
     s = np.einsum("qkd,qd->qk", x, probe)
@@ -195,13 +195,15 @@ def prepare_queries(
                            alpha=opts.alpha, n_components=opts.n_components)
     if spec.project and (basis is None or basis.components is None):
         raise InvalidArgumentError("projection needs a TextBasis built with a style list")
+    if spec.tcentre and qt is not None and basis is None:
+        raise InvalidArgumentError("text centring needs a TextBasis")
     if basis is not None and basis.dim != am.dim:
         raise InvalidArgumentError(f"text basis has dim {basis.dim}, the archive {am.dim}")
 
     nb_rows = None
     if qi is not None:
         base = qi - mu if mu is not None else qi
-        probe = basis.project(base) if spec.project else base
+        probe = basis.project(base) if spec.project and basis is not None else base
         if spec.qe:
             if embeddings is None:
                 raise InvalidArgumentError("query expansion needs the archive embeddings")
@@ -211,10 +213,10 @@ def prepare_queries(
             if nb_rows.size and nb_rows.max() >= embeddings.shape[0]:
                 raise InvalidArgumentError("the neighbour search returned rows past the archive")
             expanded = _expand(embeddings, base, probe, mu, nb_rows, opts.qe_beta)
-            qi = basis.project(expanded) if spec.project else expanded
+            qi = basis.project(expanded) if spec.project and basis is not None else expanded
         else:
             qi = probe
-    if qt is not None and spec.tcentre:
+    if qt is not None and spec.tcentre and basis is not None:
         qt = qt - basis.text_mean
 
     def offset(q: np.ndarray | None) -> np.ndarray | None:
@@ -245,11 +247,11 @@ def archive_similarities(
         out[:, lo : lo + len(x)] = q @ x.T
     si = st = None
     nq = 0
-    if prepared.img is not None:
+    if prepared.img is not None and prepared.img_offset is not None:
         nq = len(prepared.img)
         si = out[:nq]
         si -= prepared.img_offset
-    if prepared.txt is not None:
+    if prepared.txt is not None and prepared.txt_offset is not None:
         st = out[nq:]
         st -= prepared.txt_offset
     return si, st

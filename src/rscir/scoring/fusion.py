@@ -195,9 +195,12 @@ def combine(
         raise QueryError(f"fusion {fusion!r} needs a query image (or λ = 1)")
     if sim_txt is None and lam > 0.0:
         raise QueryError(f"fusion {fusion!r} needs a query text (or λ = 0)")
-    a = None if lam == 1.0 else minmax_norm(sim_img, *(img_range or (None, None)))
-    b = None if lam == 0.0 else minmax_norm(sim_txt, *(txt_range or (None, None)))
+    a = None if lam == 1.0 or sim_img is None else minmax_norm(
+        sim_img, *(img_range or (None, None)))
+    b = None if lam == 0.0 or sim_txt is None else minmax_norm(
+        sim_txt, *(txt_range or (None, None)))
     if a is None:
+        assert b is not None  # λ = 1 needs a text (checked above)
         return b
     if b is None:
         return a

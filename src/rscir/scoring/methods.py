@@ -181,7 +181,8 @@ def parse_method(name: str) -> MethodSpec:
         raise InvalidArgumentError(
             f"method {name!r}: transforms are {', '.join(TRANSFORMS)}, each at most once"
         )
-    return MethodSpec(fusion, **{t: t in extra for t in TRANSFORMS})
+    return MethodSpec(fusion, centre="centre" in extra, tcentre="tcentre" in extra,
+                      project="project" in extra, qe="qe" in extra)
 
 
 PRESETS: dict[str, MethodSpec] = {}

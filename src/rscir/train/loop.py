@@ -107,7 +107,7 @@ def resolve_device(device: str) -> torch.device:
 # caching of decoded inputs and text embeddings
 
 
-class _DecodeDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+class _DecodeDataset(torch.utils.data.Dataset):
     def __init__(self, paths: list[str], inp: Any) -> None:
         self.paths, self.inp = paths, inp
 
@@ -153,7 +153,7 @@ def load_inputs(
         out[i : i + len(chunk)] = chunk
         i += len(chunk)
     if cache is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npy")
         np.save(tmp, out)
         os.replace(tmp, cache)
@@ -171,7 +171,7 @@ def embed_vocabulary(
             return torch.from_numpy(np.load(cache))
     emb = np.asarray(text_model.encode(texts), np.float32)
     if cache is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npy")
         np.save(tmp, emb)
         os.replace(tmp, cache)

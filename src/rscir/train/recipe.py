@@ -130,10 +130,14 @@ def train_tower(
         inputs = load_inputs(s.paths, tower.input, cache, workers=workers, progress=progress,
                              desc=f"decode {name}")
         splits[name] = make_split(s, data.vocab, inputs) if len(s) else None
-    tower.fit_input_stats(splits["train"].inputs)
+    train_split = splits["train"]
+    if train_split is None:
+        raise InvalidArgumentError("no training pairs: give captions, class folders or "
+                                   "multi-labels with images")
+    tower.fit_input_stats(train_split.inputs)
     data_key = json.dumps([data.train.fingerprint(), data.val.fingerprint()])
     trainer = Trainer(
-        tower, text_emb, data.vocab.group_of, splits["train"], config,
+        tower, text_emb, data.vocab.group_of, train_split, config,
         val=splits["val"], test=splits["test"], out_dir=out, data_key=data_key,
         text_info=text_info, progress=progress,
     )
