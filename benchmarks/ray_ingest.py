@@ -158,8 +158,8 @@ def main() -> None:
                       ("rscir index --ray, end to end", t_ray),
                       ("  of which encoder start-up", t_start),
                       ("  after start-up (amortized)", after)):
-        print(f"{label:<38}{med(ts):>9.2f}{n / med(ts):>9.1f}   "
-              f"{' '.join(f'{x:.1f}' for x in ts)}")
+        rate = "-" if ts is t_start else f"{n / med(ts):.1f}"
+        print(f"{label:<38}{med(ts):>9.2f}{rate:>9}   {' '.join(f'{x:.1f}' for x in ts)}")
     print(f"{'(ray.init, paid once per cluster)':<38}{t_init:>9.2f}")
     print(f"ratio ray/single-process throughput: end to end {med(t_local) / med(t_ray):.2f}x, "
           f"amortized {med(t_local) / med(after):.2f}x")
