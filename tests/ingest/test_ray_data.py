@@ -44,9 +44,9 @@ def test_plan_placement() -> None:
     p = plan_placement({"CPU": 32.0, "GPU": 4.0})
     assert (p.encoders, p.device, p.gpus_per_encoder) == (4, "cuda", 1.0)
     p = plan_placement({"CPU": 32.0, "GPU": 4.0}, device="cpu")
-    assert (p.encoders, p.device, p.gpus_per_encoder) == (16, "cpu", 0.0)
-    assert plan_placement({"CPU": 2.0}).encoders == 1  # the other core decodes
-    assert plan_placement({"CPU": 8.0}, cpus_per_encoder=2.0).encoders == 2
+    assert (p.encoders, p.device, p.gpus_per_encoder) == (32, "cpu", 0.0)
+    assert plan_placement({"CPU": 2.0}).encoders == 2  # CPU encoders decode their own units
+    assert plan_placement({"CPU": 8.0}, cpus_per_encoder=2.0).encoders == 4
     assert plan_placement({"CPU": 8.0}, num_encoders=3).encoders == 3
     with pytest.raises(RscirError, match="no GPUs"):
         plan_placement({"CPU": 8.0}, device="cuda")

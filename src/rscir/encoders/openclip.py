@@ -18,8 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ModelMismatchError, ModelUnavailableError, UntrustedFileError
+from ..errors import (
+    InvalidArgumentError,
+    ModelMismatchError,
+    ModelUnavailableError,
+    UntrustedFileError,
+)
 from .base import Encoder, ModelInfo, fingerprint_file
+from .inference import CPU_PRECISIONS, InferenceTower
 from .text_cache import TextEmbeddingCache
 from .weightfiles import SAVE_HINT, error_summary, weights_format
 
@@ -169,7 +175,9 @@ def _quiet_open_clip() -> Iterator[None]:
 
 
 class OpenClipEncoder(Encoder):
-    """Frozen open_clip model; autocast (bf16/fp16) on CUDA, fp32 on CPU."""
+    """Frozen open_clip model; autocast (bf16/fp16) on CUDA. On CPU images go through an
+    :class:`~.inference.InferenceTower` of ``precision`` fp32 (default: fused attention, the same
+    embeddings), bf16 or int8 (faster, lossy, opt-in); ``model`` stays open_clip's own."""
 
     def __init__(
         self,
@@ -218,6 +226,7 @@ class OpenClipEncoder(Encoder):
         self._preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.precision = self._pick_precision(precision)
+        self.image_model = self._image_model()
         dim = int(self.model.text_projection.shape[1]) if hasattr(
             self.model, "text_projection"
         ) and self.model.text_projection is not None else self._probe_dim()
@@ -236,6 +245,7 @@ class OpenClipEncoder(Encoder):
                 "mean": list(mean) if mean is not None else None,
                 "std": list(std) if std is not None else None,
                 "transform": repr(preprocess).replace("\n", " "),
+                "precision": self.precision,
             },
         )
         self.text_cache = TextEmbeddingCache.for_model(
@@ -267,11 +277,31 @@ class OpenClipEncoder(Encoder):
         )
 
     def _pick_precision(self, precision: str) -> str:
-        if precision != "auto":
-            return precision
-        if self.device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        cuda = self.device.type == "cuda"
+        if precision == "auto":
+            if not cuda:
+                return "fp32"
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        allowed = ("fp32", "bf16", "fp16") if cuda else CPU_PRECISIONS
+        if precision not in allowed:
+            raise InvalidArgumentError(
+                f"precision {precision!r} is not available on {self.device.type}; choose auto or "
+                f"one of {', '.join(allowed)}")
+        return precision
+
+    def _image_model(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What embeds images: open_clip's ``encode_image`` on CUDA (under autocast), an
+        :class:`~.inference.InferenceTower` of the visual tower on CPU."""
+        import open_clip
+
+        if self.device.type == "cuda":
+            return self.model.encode_image
+        if type(self.model) in (open_clip.CLIP, open_clip.CustomTextCLIP):  # image = visual(x)
+            return InferenceTower(self.model.visual, self.precision)
+        if self.precision != "fp32":  # CoCa and others: their own encode_image
+            raise InvalidArgumentError(f"{type(self.model).__name__} models run in fp32 on CPU "
+                                       f"only, not {self.precision}")
+        return self.model.encode_image
 
     def _autocast(self) -> Any:
         if self.device.type == "cuda" and self.precision in ("bf16", "fp16"):
@@ -290,7 +320,7 @@ class OpenClipEncoder(Encoder):
     @torch.no_grad()
     def encode_preprocessed(self, batch: torch.Tensor) -> np.ndarray:
         with self._autocast():
-            f = self.model.encode_image(batch.to(self.device, non_blocking=True))
+            f = self.image_model(batch.to(self.device, non_blocking=True))
         f = torch.nn.functional.normalize(f.float(), dim=-1)
         return f.cpu().numpy().astype(np.float32, copy=False)
 

@@ -95,8 +95,11 @@ def iter_decoded(
 
 
 def default_workers() -> int:
-    """One decoding process per spare core: the main process needs a core for the model."""
-    return max(1, min(8, (os.cpu_count() or 1) - 1))
+    """One decoding process per core (at most 16). Decoders sleep while the queue of decoded
+    batches is full, so a run bound by the model loses nothing to them, and a run bound by
+    decoding and preprocessing (rscir-mini, whose input is a hand-crafted descriptor) gets
+    every core instead of all but one."""
+    return max(1, min(16, os.cpu_count() or 1))
 
 
 class LocalDriver(Driver):

@@ -1,26 +1,36 @@
-"""`rscir index --ray`: the local ingestion path as a Ray Data pipeline over many machines/GPUs.
+"""`rscir index --ray`: the local ingestion path spread over the CPUs and GPUs of a Ray cluster.
 
-    plan units (driver) ─► decode + preprocess (CPU tasks) ─► embed (actor pool, 1 GPU each)
-                        ─► driver commits segments with ``store.add`` (one writer, atomic)
+    CPU cluster:  plan units (driver) ─► blocks of units ─► encoder actors, one per core of
+                  every node, each decoding and embedding its block ─► driver commits segments
+    GPU cluster:  plan units (driver) ─► decode + preprocess (CPU tasks, Ray Data)
+                  ─► embed (actor pool, 1 GPU each) ─► driver commits segments
 
 Why this shape:
 
 * A :class:`~rscir.ingest.pipeline.Driver` of the one ingestion pipeline: the file walk, resume
   rule, item records, commits and report are the runner's, and decoding uses the same
-  :func:`~rscir.ingest.images.load_image` and the encoder's picklable ``preprocess``, so a
+  :func:`~rscir.ingest.images.decode_unit` and the encoder's picklable ``preprocess``, so a
   Ray-built store equals a locally built one.
+* Without GPUs, decoding and embedding share each core, as in the local path: an encoder actor
+  per core (:class:`UnitEncoder`) takes blocks of ``batch_size`` unit descriptions (paths and
+  chip windows), decodes them and returns embeddings, so no pixels cross the object store, and
+  the actors start once per session, all at once (the first one's model identity is the
+  store's; there is no separate probe). With GPUs, one encoder per GPU needs many decoding
+  cores, so decoding runs as Ray Data tasks on every CPU and streams pixels to the GPU actors.
 * Encoders are built *inside* each actor from a registry name/arch/checkpoint
-  (:class:`EncoderSpec`), never shipped as pickled models; each actor checks it built the same
-  embedding space (weights fingerprint) as the store.
+  (:class:`EncoderSpec`), never shipped as pickled models; every actor must build the same
+  embedding space (weights fingerprint), and the store checks it is its own.
 * Only the runner in the driver process writes, through the store's own atomic ``add`` (one
   segment per commit), so the store's guarantees hold unchanged: a killed driver loses at most
-  the uncommitted results and a rerun embeds only what is missing; a dead worker or actor is
-  restarted and its task retried by Ray Data (actors default to ``max_restarts=-1``); duplicate
-  deliveries are dropped by the runner. Any store backend works (directory or Postgres).
+  the uncommitted results and a rerun embeds only what is missing; a dead actor is restarted
+  and its block retried by Ray (``max_restarts=-1``, ``max_task_retries=-1``; Ray Data does the
+  same for the GPU pipeline); duplicate deliveries are dropped by the runner. Any store
+  backend works (directory or Postgres).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -93,20 +103,21 @@ def _probe(spec: EncoderSpec) -> _Probe:
 
 
 # --------------------------------------------------------------------------- pipeline stages
-def _decode_batch(
+def _decode_rows(
     batch: dict[str, np.ndarray],
     *,
     root: str,
     preprocess: Callable[[Any], Any],
     max_pixels: int,
-    shape: tuple[int, ...],
-    dtype: str,
     read: RasterRead | None = None,
-) -> dict[str, np.ndarray]:
-    """Decode + preprocess one block of units; failures become an ``error`` string per row,
-    chips skipped as empty an ``empty`` flag."""
+    cache: RasterCache | None = None,
+) -> tuple[dict[str, np.ndarray], list[Any]]:
+    """Decode + preprocess one block of units: (what decoding learnt per row, the preprocessed
+    input per row or None). Failures become an ``error`` string per row, chips skipped as
+    empty an ``empty`` flag. ``cache`` keeps scenes open across blocks (a long-lived actor);
+    without one, a cache lives for this block."""
     n = len(batch["idx"])
-    pixels = np.zeros((n, *shape), dtype=dtype)
+    items: list[Any] = [None] * n
     width = np.full(n, -1, np.int64)
     height = np.full(n, -1, np.int64)
     lon = np.full(n, np.nan)
@@ -117,7 +128,8 @@ def _decode_batch(
     when = [""] * n
     empty = np.zeros(n, bool)
     error = [""] * n
-    cache = RasterCache(max_pixels=max_pixels)
+    own = cache is None
+    rc = RasterCache(max_pixels=max_pixels) if cache is None else cache
     rd = read or RasterRead()
     win = np.stack([np.asarray(batch[k], np.int64) for k in ("c", "r", "w", "h")], axis=1)
     try:
@@ -127,29 +139,82 @@ def _decode_batch(
                 task = UnitTask(tuple(str(files).split("\n")),
                                 None if w[2] < 0 else (int(w[0]), int(w[1]), int(w[2]),
                                                        int(w[3])), bool(batch["stacked"][j]))
-                img, meta, _ = decode_unit(Path(root), task, rd, cache, max_pixels)
+                img, meta, _ = decode_unit(Path(root), task, rd, rc, max_pixels)
                 width[j], height[j], lon[j], lat[j] = meta.width, meta.height, meta.lon, meta.lat
                 crs[j], when[j] = meta.crs or "", meta.datetime or ""
                 foot[j], foot_native[j] = meta.footprint or b"", meta.footprint_native or b""
                 if img is None:
                     empty[j] = True
                     continue
-                x = preprocess(img)
-                pixels[j] = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+                items[j] = preprocess(img)
             except ImageDecodeError as e:
                 error[j] = str(e) or "undecodable"
             except Exception as e:  # noqa: BLE001 - a worker must never die on one file
                 error[j] = f"{type(e).__name__}: {e}"
     finally:
-        cache.close()
-    return {
-        "idx": np.asarray(batch["idx"], np.int64), "pixels": pixels, "width": width,
+        if own:
+            rc.close()
+    cols = {
+        "idx": np.asarray(batch["idx"], np.int64), "width": width,
         "height": height, "lon": lon, "lat": lat, "crs": np.array(crs, dtype=object),
         "footprint": np.array(foot, dtype=object),
         "footprint_native": np.array(foot_native, dtype=object),
         "datetime": np.array(when, dtype=object), "empty": empty,
         "error": np.array(error, dtype=object),
     }
+    return cols, items
+
+
+def _decode_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    root: str,
+    preprocess: Callable[[Any], Any],
+    max_pixels: int,
+    shape: tuple[int, ...],
+    dtype: str,
+    read: RasterRead | None = None,
+) -> dict[str, np.ndarray]:
+    """The decode stage of the GPU pipeline: :func:`_decode_rows` with the inputs packed into
+    one ``pixels`` array (they travel through the object store to the encoders)."""
+    cols, items = _decode_rows(batch, root=root, preprocess=preprocess, max_pixels=max_pixels,
+                               read=read)
+    pixels = np.zeros((len(items), *shape), dtype=dtype)
+    for j, x in enumerate(items):
+        if x is not None:
+            pixels[j] = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+    cols["pixels"] = pixels
+    return cols
+
+
+class UnitEncoder:
+    """A CPU encoder actor: decodes *and* embeds blocks of units, one actor per
+    ``cpus_per_encoder`` cores of every node (the local path's decode workers and model in one
+    process per core, with no pixels through the object store)."""
+
+    def __init__(self, spec: EncoderSpec, device: str, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.encoder = spec.build(device)
+        self.cache: RasterCache | None = None
+
+    def info(self) -> ModelInfo:
+        return self.encoder.info
+
+    def embed(self, rows: dict[str, np.ndarray], root: str, read: RasterRead,
+              max_pixels: int) -> dict[str, np.ndarray]:
+        if self.cache is None or self.cache.max_pixels != max_pixels:
+            self.cache = RasterCache(max_pixels=max_pixels)  # scenes stay open across blocks
+        enc = self.encoder
+        cols, items = _decode_rows(rows, root=root, preprocess=enc.preprocess,
+                                   max_pixels=max_pixels, read=read, cache=self.cache)
+        ok = [j for j, x in enumerate(items) if x is not None]
+        emb = np.zeros((len(items), enc.dim), np.float32)
+        if ok:
+            emb[ok] = enc.encode_preprocessed(enc.collate([items[j] for j in ok]))
+        cols["emb"] = emb
+        return cols
 
 
 class _EmbedActor:
@@ -336,8 +401,9 @@ def plan_placement(
     num_encoders: int | None = None,
     cpus_per_encoder: float = 1.0,
 ) -> Placement:
-    """One encoder per GPU when the cluster has GPUs (unless ``device='cpu'``); otherwise CPU
-    encoders on half the cores, leaving the other half to decoding."""
+    """One encoder per GPU when the cluster has GPUs (unless ``device='cpu'``), fed by decode
+    tasks on the CPUs; otherwise one CPU encoder per ``cpus_per_encoder`` cores, each decoding
+    its own units (:class:`UnitEncoder`)."""
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
     if num_encoders is not None and num_encoders < 1:
@@ -347,7 +413,7 @@ def plan_placement(
             f"--device {device} was asked for but the Ray cluster has no GPUs; use --device cpu")
     if device != "cpu" and gpus > 0:
         return Placement(num_encoders or gpus, "cuda", 1.0, cpus_per_encoder)
-    n = num_encoders or max(1, int(cpus // max(2 * cpus_per_encoder, 1)))
+    n = num_encoders or max(1, int(cpus // max(cpus_per_encoder, 1e-3)))
     return Placement(n, "cpu", 0.0, cpus_per_encoder)
 
 
@@ -375,8 +441,39 @@ def _dataset_of_blocks(blocks: list[Any]) -> Any:
 
 
 # --------------------------------------------------------------------------- the driver
+IN_FLIGHT = 2  # blocks queued per CPU encoder: the next one is there when a block is done
+
+
+def _embedded(batch: dict[str, np.ndarray]) -> EmbeddedBatch:
+    """What an encoder returned, as the runner takes it."""
+    err = np.asarray(batch["error"]).astype(str)
+    meta = [ImageMeta(int(a), int(b), float(c), float(d), str(k) or None,
+                      bytes(f) or None, bytes(g) or None, str(t) or None)
+            for a, b, c, d, k, f, g, t in zip(
+                batch["width"], batch["height"], batch["lon"], batch["lat"],
+                batch["crs"], batch["footprint"], batch["footprint_native"],
+                batch["datetime"], strict=True)]
+    return EmbeddedBatch(
+        idx=np.asarray(batch["idx"], np.int64),
+        embeddings=np.asarray(batch["emb"], np.float32),
+        meta=[m if e == "" else None for m, e in zip(meta, err, strict=True)],
+        errors=[None if e == "" else str(e) for e in err],
+        empty=np.asarray(batch["empty"], bool),
+    )
+
+
+def _unit_columns(plan: WorkPlan) -> dict[str, np.ndarray]:
+    """The work plan as columns (one row per unit): what a decoder needs, and nothing else."""
+    files = np.array(["\n".join(s.band_files) for s in plan.sources], dtype=object)
+    stacked = np.array([bool(s.files) for s in plan.sources], bool)
+    return {"idx": np.arange(len(plan), dtype=np.int64), "files": files[plan.src],
+            "c": plan.win[:, 0], "r": plan.win[:, 1], "w": plan.win[:, 2],
+            "h": plan.win[:, 3], "stacked": stacked[plan.src]}
+
+
 class RayDriver(Driver):
-    """Decode tasks and an encoder actor pool on a Ray cluster (see module docstring)."""
+    """Encoder actors on a Ray cluster (see module docstring): CPU encoders that decode their
+    own blocks of units, or GPU encoders fed by decode tasks (Ray Data)."""
 
     def __init__(
         self,
@@ -397,42 +494,116 @@ class RayDriver(Driver):
         self.preserve_order = preserve_order
         self.ray_init_kwargs = ray_init_kwargs
         self._probe: _Probe | None = None
+        self._place: Placement | None = None
+        self._actors: list[Any] = []
 
     @contextlib.contextmanager
     def session(self) -> Iterator[ModelInfo]:
+        """Start the cluster session and the encoders. CPU encoders are started here, all at
+        once, and the first one's model identity is the store's: the start-up (worker
+        processes, imports, model builds) is paid once per session, in parallel, with no
+        separate probe."""
         with _ray_session(self.address, self.ray_init_kwargs):
             import ray
 
-            self._probe = ray.get(ray.remote(num_cpus=1)(_probe).remote(self.spec))
-            yield self._probe.info
+            place = plan_placement(ray.cluster_resources(), device=self.device,
+                                   num_encoders=self.num_encoders,
+                                   cpus_per_encoder=self.cpus_per_encoder)
+            self._place = place
+            if place.device != "cpu":
+                self._probe = ray.get(ray.remote(num_cpus=1)(_probe).remote(self.spec))
+                yield self._probe.info
+                return
+            actor = ray.remote(UnitEncoder).options(
+                num_cpus=place.cpus_per_encoder, max_restarts=-1, max_task_retries=-1)
+            threads = max(1, int(place.cpus_per_encoder))
+            self._actors = [actor.remote(self.spec, "cpu", threads)
+                            for _ in range(place.encoders)]
+            try:
+                infos = ray.get([a.info.remote() for a in self._actors])
+                for other in infos[1:]:
+                    if not other.same_space(infos[0]):
+                        raise ModelMismatchError(
+                            f"encoders on different nodes built model {infos[0].name!r} with "
+                            f"different weights ({infos[0].fingerprint[:19]}… and "
+                            f"{other.fingerprint[:19]}…): every node needs the same "
+                            "checkpoint file")
+                log.info("ray ingest: %d CPU encoder(s), %s CPU(s) each", place.encoders,
+                         place.cpus_per_encoder)
+                yield infos[0]
+            finally:
+                for a in self._actors:
+                    ray.kill(a)
+                self._actors = []
 
     def embed(self, root: Path, plan: WorkPlan, read: RasterRead, opts: IngestOptions,
               ) -> Iterator[EmbeddedBatch]:
+        if self._place is None:
+            raise RuntimeError("RayDriver.embed runs inside session()")
+        if self._place.device == "cpu":
+            yield from self._embed_on_cpus(root, plan, read, opts)
+        else:
+            yield from self._embed_with_gpus(root, plan, read, opts)
+
+    def _embed_on_cpus(self, root: Path, plan: WorkPlan, read: RasterRead,
+                       opts: IngestOptions) -> Iterator[EmbeddedBatch]:
+        """Blocks of ``batch_size`` units to the CPU encoders, :data:`IN_FLIGHT` queued on
+        each; a block goes to the encoder that finished one. Only unit descriptions travel
+        (paths and windows), and embeddings and metadata come back."""
+        import ray
+
+        cols = _unit_columns(plan)
+        n, rows = len(plan), opts.batch_size
+        starts = collections.deque(range(0, n, rows))
+        pending: dict[Any, tuple[int, int]] = {}  # object ref -> (first unit, encoder)
+
+        def submit(k: int) -> None:
+            s = starts.popleft()
+            block = {key: v[s : s + rows] for key, v in cols.items()}
+            ref = self._actors[k].embed.remote(block, str(root), read, opts.max_pixels)
+            pending[ref] = (s, k)
+
+        for _ in range(IN_FLIGHT):
+            for k in range(len(self._actors)):
+                if starts:
+                    submit(k)
+        done: dict[int, EmbeddedBatch] = {}
+        nxt = 0
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            s, k = pending.pop(ready[0])
+            if starts:
+                submit(k)
+            batch = _embedded(ray.get(ready[0]))
+            if not self.preserve_order:
+                yield batch
+                continue
+            done[s] = batch
+            while nxt in done:
+                yield done.pop(nxt)
+                nxt += rows
+
+    def _embed_with_gpus(self, root: Path, plan: WorkPlan, read: RasterRead,
+                         opts: IngestOptions) -> Iterator[EmbeddedBatch]:
+        """Decode tasks on the CPUs, an encoder actor per GPU (a Ray Data pipeline, which
+        streams decoded pixels to the GPUs with back-pressure)."""
         import pyarrow as pa
         import ray
 
-        probe = self._probe
-        if probe is None:
-            raise RuntimeError("RayDriver.embed runs inside session()")
+        probe, place = self._probe, self._place
+        assert probe is not None and place is not None
         resources = ray.cluster_resources()
-        place = plan_placement(resources, device=self.device, num_encoders=self.num_encoders,
-                               cpus_per_encoder=self.cpus_per_encoder)
         log.info("ray ingest: %d units, %d encoder(s) on %s", len(plan), place.encoders,
                  place.device)
         n = len(plan)
         item_bytes = int(np.prod(probe.shape)) * np.dtype(probe.dtype).itemsize
         rows = _block_rows(n, int(resources.get("CPU", 1)), item_bytes)
-        files = np.array(["\n".join(s.band_files) for s in plan.sources], dtype=object)
-        stacked = np.array([bool(s.files) for s in plan.sources], bool)
-        table = pa.table({"idx": np.arange(n, dtype=np.int64), "files": files[plan.src],
-                          "c": plan.win[:, 0], "r": plan.win[:, 1], "w": plan.win[:, 2],
-                          "h": plan.win[:, 3], "stacked": stacked[plan.src]})
+        table = pa.table(_unit_columns(plan))
         blocks = [table.slice(s, rows) for s in range(0, n, rows)]
         # A decode worker holds torch (for the model's preprocessing), its block's pixels and
         # one decoded full-size RGB image. Saying so is a scheduling hint, and it also keeps
         # decoding a separate operator: Ray Data fuses a task stage into the next actor stage
-        # when their resources are equal, which on CPU-only clusters would serialize decoding
-        # in front of the encoder.
+        # when their resources are equal.
         decode_memory = DECODE_WORKER_BYTES + 2 * rows * item_bytes + 3 * opts.max_pixels
         with _data_context(self.preserve_order, progress=False):
             ds = (
@@ -457,20 +628,7 @@ class RayDriver(Driver):
                 )
             )
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                err = np.asarray(batch["error"]).astype(str)
-                meta = [ImageMeta(int(a), int(b), float(c), float(d), str(k) or None,
-                                  bytes(f) or None, bytes(g) or None, str(t) or None)
-                        for a, b, c, d, k, f, g, t in zip(
-                            batch["width"], batch["height"], batch["lon"], batch["lat"],
-                            batch["crs"], batch["footprint"], batch["footprint_native"],
-                            batch["datetime"], strict=True)]
-                yield EmbeddedBatch(
-                    idx=np.asarray(batch["idx"], np.int64),
-                    embeddings=np.asarray(batch["emb"], np.float32),
-                    meta=[m if e == "" else None for m, e in zip(meta, err, strict=True)],
-                    errors=[None if e == "" else str(e) for e in err],
-                    empty=np.asarray(batch["empty"], bool),
-                )
+                yield _embedded(batch)
 
 
 def index_folder_ray(
