@@ -198,6 +198,51 @@ class AnonPeak:
         return self.peak
 
 
+def _store_file(store_dir: str) -> Path | None:
+    """The store's embeddings file (one segment), or None."""
+    files = sorted(Path(store_dir, "segments").glob("seg-*/embeddings.npy"))
+    return files[0] if len(files) == 1 else None
+
+
+def resident_fraction(path: Path) -> float:
+    """Fraction of a file's pages in the page cache (Linux ``mincore`` on a read-only map)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    if size == 0:
+        return 1.0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    with open(path, "rb") as f:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return float("nan")
+        try:
+            vec = np.zeros(pages, np.uint8)
+            if libc.mincore(addr, size, vec.ctypes.data) != 0:
+                return float("nan")
+        finally:
+            libc.munmap(addr, size)
+    return float(np.count_nonzero(vec & 1)) / pages
+
+
+def warm(path: Path, chunk: int = 64 << 20) -> float:
+    """Read a file once, sequentially, into the page cache (as a long-running search server
+    would hold it); seconds taken."""
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - t0
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -255,6 +300,24 @@ def phase_generate(spec: ArchiveSpec, store_dir: str, out: Any) -> None:
     tmp.unlink()
     out.put({"generate_s": time.perf_counter() - t0, "generate_vectors_s": gen_s,
              "generate_peak_anon_mb": peak.stop(), "generate_peak_rss_mb": _peak_rss_mb()})
+
+
+def phase_inspect(store_dir: str, kind: str | None, out: Any) -> None:
+    """What the store and its index are (fingerprint None: no store)."""
+    from rscir.search.ann import index_dir, is_stale, read_meta
+    from rscir.stores import DirectoryStore
+
+    if not (Path(store_dir) / "manifest.json").is_file():
+        out.put({"fingerprint": None, "n": 0, "generation": 0, "meta": None, "stale": True})
+        return
+    st = DirectoryStore.open(store_dir)
+    meta = read_meta(st)
+    f = index_dir(st) / "index.faiss"
+    out.put({"fingerprint": st.manifest.model.fingerprint, "n": len(st),
+             "generation": st.generation, "meta": None if meta is None else meta.to_dict(),
+             "stale": meta is None or is_stale(st, meta),
+             "index_bytes": f.stat().st_size if f.is_file() else 0})
+    st.close()
 
 
 def phase_build(store_dir: str, kind: str, params: dict[str, Any], threads: int, out: Any) -> None:
@@ -461,12 +524,13 @@ def main() -> None:
                     help="texts name another attribute of the image's class, or a random class")
     ap.add_argument("--no-filters", dest="filters", action="store_false",
                     help="skip the filtered runs")
+    ap.add_argument("--no-warm", dest="warm", action="store_false",
+                    help="do not read the store into the page cache before the timed search")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"])
     ap.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~2·sqrt(n))")
     ap.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantizers (default d/4)")
     ap.add_argument("--pq-bits", type=int, default=4, choices=[4, 8])
-    ap.add_argument("--opq", action="store_true", help="OPQ rotation before PQ")
     ap.add_argument("--train-size", type=int, default=65_536)
     ap.add_argument("--kmeans-iters", type=int, default=10)
     ap.add_argument("--hnsw-m", type=int, default=32)
@@ -500,47 +564,53 @@ def main() -> None:
     res: dict[str, Any] = {"n": a.n, "dim": a.dim, "classes": classes, "threads": a.threads,
                            "load_avg_start": os.getloadavg()[0]}
     try:
-        from rscir.stores import DirectoryStore
-
-        reuse = False
-        if a.reuse and (store_dir / "manifest.json").is_file():
-            st = DirectoryStore.open(store_dir)
-            reuse = st.manifest.model.fingerprint == spec.fingerprint() and len(st) == a.n
-            if not reuse:
-                raise SystemExit(f"{store_dir} holds another archive; use another --workdir")
-        if not reuse:
+        # the store is opened in child processes only: at 10M items its item table takes
+        # gigabytes that would otherwise stay in this process and crowd the page cache
+        kind = None if a.kind == "auto" else a.kind
+        info = _run(phase_inspect, str(store_dir), kind) if a.reuse else None
+        if info is not None and info["fingerprint"] is not None and (
+                info["fingerprint"] != spec.fingerprint() or info["n"] != a.n):
+            raise SystemExit(f"{store_dir} holds another archive; use another --workdir")
+        if info is None or info["fingerprint"] is None:
             if store_dir.exists():
                 shutil.rmtree(store_dir)
             work.mkdir(parents=True, exist_ok=True)
             res.update(_run(phase_generate, spec, str(store_dir)))
+            info = _run(phase_inspect, str(store_dir), kind)
         params = {"hnsw_m": a.hnsw_m, "ef_construction": a.ef_construction,
                   "ef_search": a.ef_search, "nprobe": a.nprobe, "rerank_factor": a.rerank_factor,
-                  "nlist": a.nlist, "pq_m": a.pq_m, "pq_bits": a.pq_bits, "opq": a.opq,
+                  "nlist": a.nlist, "pq_m": a.pq_m, "pq_bits": a.pq_bits,
                   "train_size": a.train_size, "kmeans_iters": a.kmeans_iters, "seed": a.seed}
-        from rscir.search.ann import AnnParams, choose_kind, index_dir, is_stale, read_meta
+        from rscir.search.ann import AnnParams, choose_kind
 
-        st = DirectoryStore.open(store_dir)
-        meta = read_meta(st)
-        kind = choose_kind(a.n) if a.kind == "auto" else a.kind
+        kind = kind or choose_kind(a.n)
         want = AnnParams(**params).resolved(a.n, a.dim, kind)
         query_time = ("ef_search", "ef_search_max", "nprobe", "rerank_factor",
                       "rerank_extra_max", "filter_exact_above", "filter_max_depth")
-        same = meta is not None and not is_stale(st, meta) and meta.kind == kind and all(
-            meta.params.get(k) == v for k, v in asdict(want).items() if k not in query_time)
-        if a.reuse and same and meta is not None:
-            res.update({"build_s": meta.build_seconds, "build_reused": True,
-                        "index_kind": meta.kind, "index_params": meta.params,
-                        "index_bytes": (index_dir(st) / "index.faiss").stat().st_size})
+        meta = info["meta"]
+        same = meta is not None and not info["stale"] and meta["kind"] == kind and all(
+            meta["params"].get(k) == v for k, v in asdict(want).items() if k not in query_time)
+        if a.reuse and same:
+            res.update({"build_s": meta["build_seconds"], "build_reused": True,
+                        "index_kind": meta["kind"], "index_params": meta["params"],
+                        "index_bytes": info["index_bytes"]})
         else:
             res.update(_run(phase_build, str(store_dir), kind, params, a.threads))
         res["store_bytes"] = _dir_bytes(store_dir / "segments")
-        truth = truth_file(work, spec, a, st.generation)
+        truth = truth_file(work, spec, a, info["generation"])
         if not (a.reuse and truth.is_file()):
             res.update(_run(phase_truth, str(store_dir), spec, a, str(truth)))
         else:
             res["truth_reused"] = True
-        st.close()
+        emb_file = _store_file(str(store_dir))
+        if emb_file is not None:
+            res["resident_before"] = resident_fraction(emb_file)
+            if a.warm:
+                res["warm_s"] = warm(emb_file)
+            res["resident_after_warm"] = resident_fraction(emb_file)
         res.update(_run(phase_search, str(store_dir), spec, a, str(truth)))
+        if emb_file is not None:
+            res["resident_end"] = resident_fraction(emb_file)
         res["load_avg_end"] = os.getloadavg()[0]
     finally:
         if not a.keep:
@@ -566,7 +636,7 @@ def _report(r: dict[str, Any], a: argparse.Namespace) -> None:
     if desc in ("ivf", "ivfpq"):
         desc += f" nlist {p['nlist']}"
     if desc.startswith("ivfpq"):
-        desc += f", PQ {p['pq_m']}×{p['pq_bits']} bit{' + OPQ' if p.get('opq') else ''}"
+        desc += f", PQ {p['pq_m']}×{p['pq_bits']} bit"
     built = "reused, built" if r.get("build_reused") else "built"
     extra = "" if r.get("build_reused") else (
         f", peak RssAnon {r['build_peak_anon_mb']:.0f} MB (VmHWM {r['build_peak_rss_mb']:.0f} MB)")
@@ -577,6 +647,12 @@ def _report(r: dict[str, Any], a: argparse.Namespace) -> None:
           f"(+{r['anon_index_mb'] - r['anon_store_mb']:.0f} MB), peak {r['anon_peak_mb']:.0f} MB "
           f"while searching; RssFile {r['file_rss_end_mb']:.0f} MB (mapped store pages, "
           f"libraries); VmHWM {r['vm_hwm_mb']:.0f} MB; index load {r['index_load_s']:.2f} s")
+    if "resident_before" in r:
+        warm_s = f", read in {r['warm_s']:.0f} s" if "warm_s" in r else ""
+        print(f"store pages in the page cache: {100 * r['resident_before']:.0f}% before the "
+              f"search phase, {100 * r['resident_after_warm']:.0f}% at its start{warm_s}, "
+              f"{100 * r['resident_end']:.0f}% at its end (re-ranking reads rows at random: "
+              "rows not in the cache cost a disk read each)")
     if "truth_s" in r:
         print(f"ground truth (brute force, every filter): {r['truth_s']:.1f} s")
     print()

@@ -186,15 +186,16 @@ def test_filtered_ann_recall_matches_unfiltered(store: DirectoryStore) -> None:
         r, v = ann.search_vectors(qi, qt, "weicom", 0.5, 10, exclude_ids=excl, where=f)
         b, vb = brute.search_vectors(qi, qt, "weicom", 0.5, 10, exclude_ids=excl, where=f)
         assert r.shape == (30, 10) and mask[store.rows_for_ids(r.ravel())].all()
-        # measured: unfiltered 0.99, filtered 1.0 (50%, 20%, box); capped unfiltered-width
-        # streams (before filtered streams) gave 0.80 at 20%
-        assert _recall(r, b) >= 0.97 and unfiltered >= 0.95, (name, _recall(r, b), unfiltered)
+        # measured: unfiltered 0.937 (4 of 64 lists), filtered 0.977 / 0.997 / 0.990 (50%,
+        # 20%, box); the capped unfiltered-width streams of rscir before filtered streams gave
+        # 0.863 / 0.827 / 0.867
+        assert _recall(r, b) >= max(0.95, unfiltered), (name, _recall(r, b), unfiltered)
         # a filtered hit keeps its unfiltered exact score (normalization over the archive)
         for q in range(30):
             rows = np.sort(store.rows_for_ids(r[q]))
             exact = ann.scores(qi[q : q + 1], qt[q : q + 1], "weicom", 0.5, rows=rows)[0]
             np.testing.assert_allclose(np.sort(v[q]), np.sort(exact), atol=1e-6)
-    assert idx.kind == "ivf"
+    assert idx.kind == "ivf" and unfiltered >= 0.9
 
 
 def test_selective_filter_is_scored_exactly(store: DirectoryStore) -> None:
@@ -246,14 +247,13 @@ def test_filter_masks_cached_per_generation(tmp_path: Path) -> None:
     st.close()
 
 
-def test_ivfpq_store_search_recall_and_opq(tmp_path: Path) -> None:
-    """ivfpq through the strategy (codes pick, the memory-mapped store re-ranks), with OPQ."""
-    store = _tagged_store(tmp_path, "ivfpq",
-                          AnnParams(nlist=64, nprobe=8, pq_m=16, opq=True, rerank_factor=8))
+def test_ivfpq_store_search_recall(tmp_path: Path) -> None:
+    """ivfpq through the strategy: codes pick candidates, the memory-mapped store re-ranks."""
+    store = _tagged_store(tmp_path, "ivfpq", AnnParams(nlist=64, nprobe=8, pq_m=16))
     qi, qt, excl = _composed(store, 20)
     s = Searcher(store, None, strategy="ann")
     idx = s.strategy().index()  # type: ignore[attr-defined]
-    assert idx.kind == "ivfpq" and type(idx.index).__name__ == "IndexPreTransform"
+    assert idx.kind == "ivfpq" and type(idx.index).__name__ == "IndexIVFPQFastScan"
     r, v = s.search_vectors(qi, qt, "weicom", 0.5, 10, exclude_ids=excl)
     b, vb = s.search_vectors(qi, qt, "weicom", 0.5, 10, exclude_ids=excl, strategy="brute")
     assert _recall(r, b) >= 0.95  # measured 1.0
@@ -264,3 +264,4 @@ def test_ivfpq_store_search_recall_and_opq(tmp_path: Path) -> None:
     assert _recall(r, b) >= 0.95  # measured 1.0
     same = r == b
     np.testing.assert_allclose(v[same], vb[same], atol=1e-6)
+

@@ -30,7 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="PQ sub-quantizers (default: d/8 bytes per vector, d/4 of 4 bits)")
     p.add_argument("--pq-bits", type=int, choices=[4, 8], default=4,
                    help="bits per PQ code: 4 = FastScan (SIMD scan, the default), 8 = classic")
-    p.add_argument("--opq", action="store_true", help="learn an OPQ rotation before PQ")
     p.add_argument("--nprobe", type=int, default=64, help="IVF lists probed per search")
     p.add_argument("--rerank-factor", type=int, default=4,
                    help="IVF-PQ candidates per wanted neighbour, re-scored exactly")
@@ -72,7 +71,7 @@ def cmd_build_ann(a: argparse.Namespace) -> int:
     else:
         params = AnnParams(
             hnsw_m=a.hnsw_m, ef_construction=a.ef_construction, ef_search=a.ef_search,
-            nlist=a.nlist, pq_m=a.pq_m, pq_bits=a.pq_bits, opq=a.opq, nprobe=a.nprobe,
+            nlist=a.nlist, pq_m=a.pq_m, pq_bits=a.pq_bits, nprobe=a.nprobe,
             rerank_factor=a.rerank_factor, seed=a.seed,
         )
         idx = build_index(store, a.kind, params)

@@ -19,7 +19,7 @@ Four kinds, all by inner product on the L2-normalized embeddings (= cosine simil
 * ``ivfpq`` — compressed lists for archives whose vectors do not fit in RAM: coarse k-means +
   product quantization, d/8 bytes per vector (64 at d = 512: 0.7 GB of RAM for 10M items,
   ids included), by default 4-bit codes scanned with SIMD (``IndexIVFPQFastScan``; ``pq_bits
-  8`` gives the classic ``IndexIVFPQ``), optionally rotated by OPQ. Codes only *pick*
+  8`` gives the classic ``IndexIVFPQ``). Codes only *pick*
   candidates: ``rerank_factor``× more than asked are re-ranked with exact inner products read
   from the store's memory-mapped embeddings, so a stream is exactly sorted among its
   candidates. On the clustered benchmark archive at 10M items this keeps composed recall@10 at
@@ -91,7 +91,6 @@ class AnnParams:
     nlist: int | None = None  # IVF lists; default ~2·√n (ivfpq: at most 4096, see resolved())
     pq_m: int | None = None  # PQ sub-quantizers; default d·8/(8·pq_bits): d/8 bytes per vector
     pq_bits: int = 4  # 4: FastScan (SIMD lookups, fastest scan); 8: classic IndexIVFPQ
-    opq: bool = False  # rotate before PQ (OPQ); the exact re-ranking makes it rarely needed
     nprobe: int = 64  # 1M items, nlist 2000: recall@10 0.983 at 32, 0.991 at 64 (scale_search)
     rerank_factor: int = 4  # ivfpq: candidates per wanted neighbour, re-ranked exactly
     rerank_extra_max: int = 3072  # ... but at most this many more than wanted (deep streams)
@@ -116,9 +115,9 @@ class AnnParams:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def resolved(self, n: int, d: int, kind: str = "") -> AnnParams:
-        """Concrete ``nlist`` and ``pq_m``. Compressed lists are cheap to scan, so ``ivfpq``
-        caps the default at 4096 lists: assigning 10M vectors to 6,300 centroids would cost
-        half again as much build time for no recall gain at equal scanned fraction."""
+        """Concrete ``nlist`` and ``pq_m``. ``ivfpq`` caps the default at 4096 lists: compressed
+        lists are cheap to scan, while assigning every vector to its list costs build time in
+        proportion to ``nlist`` (10M vectors to 6,300 centroids: half again as long)."""
         auto = int(min(max(16, 2 * math.sqrt(max(n, 1))), max(1, n // 39)))
         if kind == "ivfpq":
             auto = min(auto, 4096)
@@ -166,7 +165,9 @@ def _add_chunked(index: Any, embeddings: np.ndarray, chunk: int = 1 << 16) -> No
 
 
 def _ivfpq(faiss: Any, embeddings: np.ndarray, p: AnnParams) -> Any:
-    """A trained (empty) IVF-PQ index: 4-bit FastScan or 8-bit codes, OPQ when asked."""
+    """A trained (empty) IVF-PQ index with 4-bit FastScan or 8-bit codes. No OPQ rotation:
+    codes only pick candidates that are re-ranked exactly, and FAISS's OPQ training (an 8-bit
+    PQ per iteration) would dominate the build."""
     n, d = embeddings.shape
     nlist, m = p.nlist or 1, p.pq_m or 1
     if p.pq_bits not in (4, 8):
@@ -187,9 +188,8 @@ def _ivfpq(faiss: Any, embeddings: np.ndarray, p: AnnParams) -> Any:
     ivf.cp.seed = p.seed
     ivf.cp.niter = p.kmeans_iters
     ivf.pq.cp.seed = p.seed
-    index = faiss.IndexPreTransform(faiss.OPQMatrix(d, m), ivf) if p.opq else ivf
-    index.train(_training_sample(embeddings, p.train_rows(), p.seed))
-    return index
+    ivf.train(_training_sample(embeddings, p.train_rows(), p.seed))
+    return ivf
 
 
 def _training_sample(embeddings: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -317,7 +317,7 @@ class AnnIndex:
 
     # ----------------------------------------------------------------- search
     def ivf(self) -> Any:
-        """The IVF part of an ivf/ivfpq index (inside an OPQ transform), else None."""
+        """The IVF part of an ivf/ivfpq index, else None."""
         if self.kind not in ("ivf", "ivfpq"):
             return None
         return _faiss().extract_index_ivf(self.index)
