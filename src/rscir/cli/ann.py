@@ -14,10 +14,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "build-ann",
         help="build an ANN index (flat, IVF, HNSW or IVF-PQ) for fast top-k on a store",
         description="Build the store's FAISS index. 'auto' picks flat up to 100k items, IVF "
-        "(float16 lists, scanned exactly) up to 5M, IVF-PQ (with exact re-ranking) above; HNSW "
-        "only on request (fast for image queries, unreliable for text/composed ones). The index "
-        "records the store generation; after the store changes, search refuses it until it is "
-        "rebuilt.",
+        "(float16 lists, scanned exactly) up to 5M, IVF-PQ above (compressed codes, d/8 bytes "
+        "per vector, whose candidates are re-ranked exactly from the store's memory-mapped "
+        "embeddings: 10M × 512 needs ~0.7 GB of RAM); HNSW only on request (fast for image "
+        "queries, unreliable for text/composed ones). The index records the store generation; "
+        "after the store changes, search refuses it until it is rebuilt.",
     )
     p.add_argument("store", help="store directory")
     p.add_argument("--kind", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"], default="auto")
@@ -25,7 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ef-construction", type=int, default=80)
     p.add_argument("--ef-search", type=int, default=64, help="HNSW default search breadth")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~2·sqrt(n))")
-    p.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantizers (default d/8)")
+    p.add_argument("--pq-m", type=int, default=None,
+                   help="PQ sub-quantizers (default: d/8 bytes per vector, d/4 of 4 bits)")
+    p.add_argument("--pq-bits", type=int, choices=[4, 8], default=4,
+                   help="bits per PQ code: 4 = FastScan (SIMD scan, the default), 8 = classic")
     p.add_argument("--nprobe", type=int, default=64, help="IVF lists probed per search")
     p.add_argument("--rerank-factor", type=int, default=4,
                    help="IVF-PQ candidates per wanted neighbour, re-scored exactly")
@@ -67,8 +71,8 @@ def cmd_build_ann(a: argparse.Namespace) -> int:
     else:
         params = AnnParams(
             hnsw_m=a.hnsw_m, ef_construction=a.ef_construction, ef_search=a.ef_search,
-            nlist=a.nlist, pq_m=a.pq_m, nprobe=a.nprobe, rerank_factor=a.rerank_factor,
-            seed=a.seed,
+            nlist=a.nlist, pq_m=a.pq_m, pq_bits=a.pq_bits, nprobe=a.nprobe,
+            rerank_factor=a.rerank_factor, seed=a.seed,
         )
         idx = build_index(store, a.kind, params)
         out = {"built": True, **idx.meta.to_dict(), "disk_bytes": idx.disk_bytes(index_dir(store))}

@@ -16,16 +16,28 @@ Four kinds, all by inner product on the L2-normalized embeddings (= cosine simil
   at nprobe 32 (at 1M items and 2,000 lists: 0.983 at nprobe 32, 0.991 at 64 with p50 ~10 ms;
   every miss at 64 is a row tied with the k-th exact score).
   So ``auto`` never picks it; ask for it with ``--kind hnsw``.
-* ``ivfpq`` — ``IndexIVFPQ`` (coarse k-means + product quantization, ~d/8 bytes per vector)
-  for archives too large for RAM, with **exact re-ranking**: it returns ``rerank_factor``×
-  more candidates than asked, which are re-scored with the store's own embeddings.
+* ``ivfpq`` — compressed lists for archives whose vectors do not fit in RAM: coarse k-means +
+  product quantization, d/8 bytes per vector (64 at d = 512: 0.7 GB of RAM for 10M items,
+  ids included), by default 4-bit codes scanned with SIMD (``IndexIVFPQFastScan``; ``pq_bits
+  8`` gives the classic ``IndexIVFPQ``). Codes only *pick*
+  candidates: ``rerank_factor``× more than asked are re-ranked with exact inner products read
+  from the store's memory-mapped embeddings, so a stream is exactly sorted among its
+  candidates. On the clustered benchmark archive at 10M items this keeps composed recall@10 at
+  the level of the float16 lists at 1M (benchmarks/scale_search.py, README Scale).
 
 ``auto`` picks by archive size (:func:`choose_kind`). An index is saved in
 ``store.artifact_dir("ann")`` with the store generation it was built from; a store written since
 (append, supersede, compact — row numbers may change) makes it *stale*: :func:`open_index`
 refuses it (or rebuilds when asked), so search never returns rows of another generation.
 
-An :class:`AnnIndex` is a :class:`rscir.composed_topk.NeighborSource` (``search(q, depth)``).
+An :class:`AnnIndex` is a :class:`rscir.search.topk.NeighborSource` (``search(q, depth,
+allowed)``). With a row filter (``allowed``) every kind returns only allowed rows (a FAISS
+``IDSelectorBitmap``) and searches wider, as pgvector 0.8's iterative scans do: IVF kinds probe
+``nprobe / f`` lists for a filter passing a fraction ``f`` of the archive (the k-th allowed
+neighbour ranks about ``k / f`` among all items), HNSW widens ``efSearch`` alike, and queries
+whose stream is still short are searched again with twice the breadth until every list (or
+``ef_search_max``) is covered. :meth:`AnnIndex.filtered_cost` tells a caller when a filter is
+so selective that scoring the allowed items exactly is cheaper.
 """
 
 from __future__ import annotations
@@ -34,8 +46,10 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import uuid
+import weakref
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +57,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InvalidArgumentError, PathNotFoundError, StaleIndexError
-from .topk import candidate_similarities
 
 if TYPE_CHECKING:
     from ..stores.directory import DirectoryStore
@@ -74,11 +87,20 @@ class AnnParams:
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int = 64
-    nlist: int | None = None  # IVF lists; default ~2·√n
-    pq_m: int | None = None  # PQ sub-quantizers; default d/8 (d/8 bytes per vector)
-    pq_bits: int = 8
+    ef_search_max: int = 16_384  # filtered HNSW searches widen efSearch up to here
+    nlist: int | None = None  # IVF lists; default ~2·√n (ivfpq: at most 4096, see resolved())
+    pq_m: int | None = None  # PQ sub-quantizers; default d·8/(8·pq_bits): d/8 bytes per vector
+    pq_bits: int = 4  # 4: FastScan (SIMD lookups, fastest scan); 8: classic IndexIVFPQ
     nprobe: int = 64  # 1M items, nlist 2000: recall@10 0.983 at 32, 0.991 at 64 (scale_search)
-    rerank_factor: int = 4
+    rerank_factor: int = 4  # ivfpq: candidates per wanted neighbour, re-ranked exactly
+    rerank_extra_max: int = 3072  # ... but at most this many more than wanted (deep streams)
+    # filtered queries: TA stream depth cap. Their best items lie deeper than unfiltered ones
+    # (1M benchmark archive: all of the top-10 within depth 160 unfiltered, up to ~5,000 under
+    # a 50% filter); TA's bound stops most queries far earlier
+    filter_max_depth: int = 8192
+    # a filtered search that would read at least this fraction of the index scores the allowed
+    # items exactly instead (exact, and cheaper than scanning nearly every list)
+    filter_exact_above: float = 1.0
     train_size: int = 65_536  # k-means sample (at least 40 per list)
     kmeans_iters: int = 10  # enough for list assignment; FAISS's 25 triples the build time
     seed: int = 0
@@ -92,9 +114,15 @@ class AnnParams:
         """Saved parameters; keys of other rscir versions are ignored."""
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
-    def resolved(self, n: int, d: int) -> AnnParams:
-        nlist = self.nlist or int(min(max(16, 2 * math.sqrt(max(n, 1))), max(1, n // 39)))
-        pq_m = self.pq_m or _largest_divisor_at_most(d, max(1, d // 8))
+    def resolved(self, n: int, d: int, kind: str = "") -> AnnParams:
+        """Concrete ``nlist`` and ``pq_m``. ``ivfpq`` caps the default at 4096 lists: compressed
+        lists are cheap to scan, while assigning every vector to its list costs build time in
+        proportion to ``nlist`` (10M vectors to 6,300 centroids: half again as long)."""
+        auto = int(min(max(16, 2 * math.sqrt(max(n, 1))), max(1, n // 39)))
+        if kind == "ivfpq":
+            auto = min(auto, 4096)
+        nlist = self.nlist or auto
+        pq_m = self.pq_m or _largest_divisor_at_most(d, max(1, d // self.pq_bits))
         return replace(self, nlist=max(1, nlist), pq_m=pq_m)
 
 
@@ -136,6 +164,34 @@ def _add_chunked(index: Any, embeddings: np.ndarray, chunk: int = 1 << 16) -> No
         index.add(np.ascontiguousarray(embeddings[s : s + chunk], dtype=np.float32))
 
 
+def _ivfpq(faiss: Any, embeddings: np.ndarray, p: AnnParams) -> Any:
+    """A trained (empty) IVF-PQ index with 4-bit FastScan or 8-bit codes. No OPQ rotation:
+    codes only pick candidates that are re-ranked exactly, and FAISS's OPQ training (an 8-bit
+    PQ per iteration) would dominate the build."""
+    n, d = embeddings.shape
+    nlist, m = p.nlist or 1, p.pq_m or 1
+    if p.pq_bits not in (4, 8):
+        raise InvalidArgumentError(f"pq_bits must be 4 or 8, got {p.pq_bits}")
+    if d % m:
+        raise InvalidArgumentError(f"pq_m {m} must divide the embedding dimension {d}")
+    if n < 39 * max(nlist, 2**p.pq_bits):
+        raise InvalidArgumentError(
+            f"ivfpq needs at least {39 * max(nlist, 2**p.pq_bits)} items to train "
+            f"(have {n}); use --kind flat or hnsw for this archive"
+        )
+    metric = faiss.METRIC_INNER_PRODUCT
+    quantizer = faiss.IndexFlatIP(d)
+    if p.pq_bits == 4:
+        ivf = faiss.IndexIVFPQFastScan(quantizer, d, nlist, m, 4, metric)
+    else:
+        ivf = faiss.IndexIVFPQ(quantizer, d, nlist, m, p.pq_bits, metric)
+    ivf.cp.seed = p.seed
+    ivf.cp.niter = p.kmeans_iters
+    ivf.pq.cp.seed = p.seed
+    ivf.train(_training_sample(embeddings, p.train_rows(), p.seed))
+    return ivf
+
+
 def _training_sample(embeddings: np.ndarray, size: int, seed: int) -> np.ndarray:
     n = embeddings.shape[0]
     if n <= size:
@@ -152,6 +208,8 @@ class AnnIndex:
         self.meta = meta
         self.embeddings = embeddings  # needed for the exact re-ranking of ivfpq
         self.params = AnnParams.from_dict(meta.params)
+        self._sel_lock = threading.Lock()
+        self._sel: tuple[Any, np.ndarray, Any, int] | None = None
 
     @property
     def kind(self) -> str:
@@ -179,7 +237,7 @@ class AnnIndex:
         if n == 0:
             raise InvalidArgumentError("cannot build an ANN index over an empty store")
         kind = choose_kind(n) if kind == "auto" else kind
-        p = (params or AnnParams()).resolved(n, d)
+        p = (params or AnnParams()).resolved(n, d, kind)
         t0 = time.perf_counter()
         metric = faiss.METRIC_INNER_PRODUCT
         if kind == "flat":
@@ -203,17 +261,7 @@ class AnnIndex:
             index.cp.niter = p.kmeans_iters
             index.train(_training_sample(embeddings, p.train_rows(), p.seed))
         else:
-            if n < 39 * (p.nlist or 1) or n < 39 * 2**p.pq_bits:
-                raise InvalidArgumentError(
-                    f"ivfpq needs at least {39 * max(p.nlist or 1, 2**p.pq_bits)} items to train "
-                    f"(have {n}); use --kind flat or hnsw for this archive"
-                )
-            quantizer = faiss.IndexFlatIP(d)
-            index = faiss.IndexIVFPQ(quantizer, d, p.nlist, p.pq_m, p.pq_bits, metric)
-            index.cp.seed = p.seed
-            index.cp.niter = p.kmeans_iters
-            index.pq.cp.seed = p.seed
-            index.train(_training_sample(embeddings, p.train_rows(), p.seed))
+            index = _ivfpq(faiss, embeddings, p)
         _add_chunked(index, embeddings)
         meta = IndexMeta(
             kind=kind,
@@ -268,36 +316,121 @@ class AnnIndex:
         return int((Path(directory) / INDEX_FILE).stat().st_size)
 
     # ----------------------------------------------------------------- search
-    def search(self, queries: np.ndarray, depth: int) -> np.ndarray:
-        """Rows (Q, depth) by decreasing similarity, ``-1`` padded (a NeighborSource)."""
+    def ivf(self) -> Any:
+        """The IVF part of an ivf/ivfpq index, else None."""
+        if self.kind not in ("ivf", "ivfpq"):
+            return None
+        return _faiss().extract_index_ivf(self.index)
+
+    def _selector(self, allowed: np.ndarray) -> tuple[Any, int]:
+        """FAISS bitmap selector of an allowed-rows mask and its count, kept for the last mask
+        seen (by identity: a searcher passes the same cached mask for every query of a filter;
+        masks are never modified in place)."""
+        with self._sel_lock:
+            hit = self._sel
+            if hit is not None and hit[0]() is allowed:
+                return hit[2], hit[3]
+        if allowed.shape != (self.ntotal,):
+            raise InvalidArgumentError(
+                f"allowed must be a mask of shape ({self.ntotal},), got {allowed.shape}")
+        bitmap = np.packbits(np.asarray(allowed, bool), bitorder="little")
+        sel = _faiss().IDSelectorBitmap(self.ntotal, _faiss().swig_ptr(bitmap))
+        sel.bitmap_ref = bitmap  # the selector holds a raw pointer: keep the bytes alive with it
+        count = int(np.count_nonzero(allowed))
+        with self._sel_lock:
+            self._sel = (weakref.ref(allowed), bitmap, sel, count)
+        return sel, count
+
+    def filtered_cost(self, n_allowed: int) -> float:
+        """Fraction of the index a filtered search with ``n_allowed`` rows is expected to scan
+        (IVF kinds: the widened ``nprobe`` over ``nlist``; others 0 or 1). At 1 the ANN streams
+        would read every list: scoring the allowed items exactly is then both exact and
+        cheaper than a full scan of the codes."""
+        if self.kind == "flat":
+            return 1.0
+        ivf = self.ivf()
+        if ivf is None or n_allowed <= 0:
+            return 0.0
+        frac = n_allowed / max(1, self.ntotal)
+        return min(1.0, math.ceil(self.params.nprobe / frac) / int(ivf.nlist))
+
+    def search(self, queries: np.ndarray, depth: int,
+               allowed: np.ndarray | None = None) -> np.ndarray:
+        """Rows (Q, depth) by decreasing similarity, ``-1`` padded (a NeighborSource); with
+        ``allowed`` (N,) bool only allowed rows, searched wider (module docstring)."""
         faiss = _faiss()
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         depth = max(1, min(int(depth), self.ntotal))
+        sel, n_ok = (None, self.ntotal) if allowed is None else self._selector(allowed)
+        if n_ok == 0:
+            return np.full((q.shape[0], depth), -1, np.int64)
+        frac = n_ok / self.ntotal
         p = self.params
         if self.kind == "hnsw":
-            sp = faiss.SearchParametersHNSW()
-            sp.efSearch = max(p.ef_search, depth)
-            _, rows = self.index.search(q, depth, params=sp)
-            return rows.astype(np.int64)
-        if self.kind == "ivf":  # fp16 codes hold the float16 store exactly: no re-ranking
+            ef = min(max(p.ef_search_max, depth), math.ceil(max(p.ef_search, depth) / frac))
+
+            def run_hnsw(qs: np.ndarray, breadth: int) -> np.ndarray:
+                sp = faiss.SearchParametersHNSW()
+                sp.efSearch = breadth
+                if sel is not None:
+                    sp.sel = sel
+                return self.index.search(qs, depth, params=sp)[1]
+
+            return self._widen(run_hnsw, q, depth, n_ok, ef, max(p.ef_search_max, depth))
+        ivf = self.ivf()
+        if ivf is None:  # flat: exact, filtered inside the scan
+            sp = faiss.SearchParameters()
+            if sel is not None:
+                sp.sel = sel
+            return self.index.search(q, depth, params=sp)[1].astype(np.int64)
+        nlist = int(ivf.nlist)
+        extra = min((max(1, p.rerank_factor) - 1) * depth, p.rerank_extra_max)
+        kk = depth if self.kind == "ivf" else min(depth + extra, self.ntotal)
+
+        def run_ivf(qs: np.ndarray, nprobe: int) -> np.ndarray:
             sp = faiss.SearchParametersIVF()
-            sp.nprobe = min(p.nprobe, int(self.index.nlist))
-            _, rows = self.index.search(q, depth, params=sp)
-            return rows.astype(np.int64)
-        if self.kind == "ivfpq":
-            sp = faiss.SearchParametersIVF()
-            sp.nprobe = min(p.nprobe, int(self.index.nlist))
-            kk = min(depth * max(1, p.rerank_factor), self.ntotal)
-            _, cand = self.index.search(q, kk, params=sp)
-            cand = cand.astype(np.int64)
-            if self.embeddings is None:
-                return cand[:, :depth]
-            sims = candidate_similarities(self.embeddings, cand, q)
-            sims = np.where(cand >= 0, sims, -np.inf)
-            order = np.argsort(-sims, axis=1, kind="stable")[:, :depth]
-            return np.take_along_axis(cand, order, axis=1)
-        _, rows = self.index.search(q, depth)
-        return rows.astype(np.int64)
+            sp.nprobe = nprobe
+            if sel is not None:
+                sp.sel = sel
+            return self.index.search(qs, kk, params=sp)[1]
+
+        nprobe = min(nlist, math.ceil(p.nprobe / frac))
+        cand = self._widen(run_ivf, q, kk, n_ok, nprobe, nlist)
+        if self.kind == "ivf" or self.embeddings is None:  # fp16 lists: already exact
+            return cand[:, :depth]
+        return rerank(self.embeddings, cand, q, depth)
+
+    @staticmethod
+    def _widen(run: Any, q: np.ndarray, want: int, n_ok: int, breadth: int,
+               most: int) -> np.ndarray:
+        """``run(q, breadth)``, then again with doubled breadth for the queries that found
+        fewer than ``want`` rows (of ``n_ok`` allowed), until ``most``: an iterative scan."""
+        rows = np.asarray(run(q, breadth), np.int64)
+        need = min(want, n_ok)
+        todo = np.flatnonzero((rows >= 0).sum(axis=1) < need)
+        while todo.size and breadth < most:
+            breadth = min(most, breadth * 2)
+            rows[todo] = run(np.ascontiguousarray(q[todo]), breadth)
+            todo = todo[(rows[todo] >= 0).sum(axis=1) < need]
+        return rows
+
+
+def rerank(embeddings: np.ndarray, cand: np.ndarray, q: np.ndarray, depth: int,
+           block: int = 32) -> np.ndarray:
+    """The ``depth`` best of each query's candidate rows (``-1`` padded) by exact inner product
+    with ``embeddings`` (a float16 memmap: each distinct row of a block of queries is read
+    once, in row order)."""
+    out = np.full((cand.shape[0], min(depth, cand.shape[1])), -1, np.int64)
+    for s in range(0, cand.shape[0], block):
+        c = cand[s : s + block]
+        valid = c >= 0
+        u, inv = np.unique(np.where(valid, c, 0), return_inverse=True)
+        x = np.asarray(embeddings[u], np.float32)
+        sims = (q[s : s + block] @ x.T)[np.arange(c.shape[0])[:, None], inv.reshape(c.shape)]
+        order = np.argsort(-np.where(valid, sims, -np.inf), axis=1, kind="stable")[:, :depth]
+        top = np.take_along_axis(c, order, axis=1)
+        out[s : s + block] = np.where(np.take_along_axis(valid, order, axis=1), top, -1)
+    return out
 
 
 # --------------------------------------------------------------------------- store integration

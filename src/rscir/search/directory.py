@@ -13,8 +13,14 @@ archive moments); they differ only in which items they look at:
 * ``auto`` — ``ann`` when the store has an up-to-date index and more than
   ``SearchParams.brute_max`` items, else ``brute``.
 
-A filter passing at most ``StreamParams.subset_max`` items is always scored exactly on those
-items. Row numbers stay inside this module: ids go in and out.
+Filters: a filter passing at most ``StreamParams.subset_max`` items is always scored exactly on
+those items. Above that, the streams themselves are filtered (exact streams skip disallowed
+rows; the FAISS index searches with a bitmap of allowed rows and widens its search by the
+filter's selectivity, see :mod:`.ann`), so the capped ANN streams hold as many allowed
+candidates as unfiltered ones and filtered recall matches unfiltered recall; when the widened
+search would read at least ``AnnParams.filter_exact_above`` of the index, the allowed items are
+scored exactly instead. The mask of a filter is computed once per store generation (an LRU of
+recent filters). Row numbers stay inside this module: ids go in and out.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..caching import LRU
 from ..scoring import NEEDS_IMAGE, NEEDS_TEXT, QueryStats, fuse, topk
 from ..stores.directory import DirectoryStore
 from ..stores.filters import ItemFilter
@@ -75,6 +82,28 @@ class _DirectoryStrategy(SearchStrategy):
     top rows of one λ (:meth:`_rows`)."""
 
     store: DirectoryStore
+    MASKS: ClassVar[int] = 8  # recent filters whose masks are kept (N bytes each)
+
+    def __init__(self, store: DirectoryStore, params: SearchParams, moments: MomentsCache) -> None:
+        super().__init__(store, params, moments)
+        self._masks = LRU(self.MASKS)
+
+    def mask(self, where: ItemFilter | None) -> np.ndarray | None:
+        """The filter's row mask (None: no filter), cached per store generation: a filter on
+        millions of items costs far more than an ANN query to evaluate. Read-only, so the
+        same object can key the index's selector cache."""
+        if where is None or where.is_empty():
+            return None
+        st = self.store
+
+        def make() -> np.ndarray:
+            m = np.asarray(where.mask(st.filter_index()), bool).copy()
+            m.flags.writeable = False
+            return m
+
+        # keyed by repr: every field of the filter, even an unhashable list from a caller
+        found: np.ndarray = self._masks.get_or_make((st.generation, len(st), repr(where)), make)
+        return found
 
     def search(self, query: ComposedQuery, lams: Sequence[float], k: int,
                where: ItemFilter | None = None) -> list[TopK]:
@@ -83,7 +112,7 @@ class _DirectoryStrategy(SearchStrategy):
         if len(st) == 0:
             return [TopK.empty(nq) for _ in lams]
         k = min(int(k), len(st))  # every path then returns the same width
-        mask = None if where is None or where.is_empty() else where.mask(st.filter_index())
+        mask = self.mask(where)
         excl = self._exclude_rows(query.exclude_ids)
         stats = query_stats(self.moments.get(st.generation, st.moments), query)
         out = []
@@ -164,18 +193,29 @@ class ExactStream(_DirectoryStrategy):
 
     name: ClassVar[str] = "exact-stream"
 
-    def _source(self) -> tuple[Any, int | None, int | None]:
-        """(neighbour source, max depth, start depth)."""
+    def _source(self, filtered: bool = False) -> tuple[Any, int | None, int | None]:
+        """(neighbour source, max depth, start depth) for an unfiltered or filtered query."""
         return ExactSource(self.store.embeddings, self.params.chunk_rows), None, \
             self.params.stream.start_depth
+
+    def _exact_subset(self, n_allowed: int) -> bool:
+        """Score a filter's allowed items exactly rather than by streams."""
+        return n_allowed <= self.params.stream.subset_max
+
+    def plan(self, n_allowed: int | None = None) -> str:
+        """How a query with a filter passing ``n_allowed`` items (None: no filter) is answered:
+        ``exact subset`` or ``streams`` / ``filtered streams`` (for logs and benchmarks)."""
+        if n_allowed is None:
+            return "streams"
+        return "exact subset" if self._exact_subset(n_allowed) else "filtered streams"
 
     def _rows(self, query: ComposedQuery, lam: float, k: int, excl: np.ndarray,
               mask: np.ndarray | None, stats: tuple[QueryStats | None, QueryStats | None],
               ) -> tuple[np.ndarray, np.ndarray]:
         subset = None if mask is None else np.flatnonzero(mask)
-        if subset is not None and len(subset) <= self.params.stream.subset_max:
+        if subset is not None and self._exact_subset(len(subset)):
             return self._brute(query, lam, k, excl, subset, stats)
-        source, max_depth, start = self._source()
+        source, max_depth, start = self._source(mask is not None)
         res = composed_topk(
             self.store.embeddings, query.img, query.txt, query.method, lam, k, source=source,
             img_stats=stats[0], txt_stats=stats[1], exclude_rows=excl.tolist(), allowed=mask,
@@ -213,11 +253,22 @@ class AnnStream(ExactStream):
                 self._index = (gen, open_index(self.store))
             return self._index[1]
 
-    def _source(self) -> tuple[Any, int | None, int | None]:
+    def _exact_subset(self, n_allowed: int) -> bool:
+        """Also when the filtered index search would read most of the index anyway."""
+        if super()._exact_subset(n_allowed):
+            return True
+        idx = self.index()
+        return idx.filtered_cost(n_allowed) >= idx.params.filter_exact_above
+
+    def _source(self, filtered: bool = False) -> tuple[Any, int | None, int | None]:
         source = self.index()
         stream = self.params.stream
-        # a flat index gives exact streams: TA certifies its answer, so no cap is needed
-        max_depth = None if source.kind == "flat" else stream.max_depth
+        # a flat index gives exact streams: TA certifies its answer, so no cap is needed.
+        # A filter's best items lie deeper in the streams than unfiltered ones (the answer
+        # is further from the query): TA may read them deeper, until its bound stops it
+        max_depth = None if source.kind == "flat" else (
+            max(stream.max_depth, source.params.filter_max_depth) if filtered
+            else stream.max_depth)
         start = stream.start_depth
         if start is None and source.kind != "hnsw":
             start = stream.max_depth  # a list or full scan costs the same at any depth

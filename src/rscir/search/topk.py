@@ -40,9 +40,11 @@ class NeighborSource(Protocol):
     @property
     def ntotal(self) -> int: ...
 
-    def search(self, queries: np.ndarray, depth: int) -> np.ndarray:
+    def search(self, queries: np.ndarray, depth: int,
+               allowed: np.ndarray | None = None) -> np.ndarray:
         """Rows (Q, depth) int64 of the ``depth`` most similar items per query, best first;
-        ``-1`` pads when fewer are found."""
+        ``-1`` pads when fewer are found. With ``allowed`` (N,) bool, only allowed rows (a
+        filtered stream: its depth similarity then bounds the unseen *allowed* items)."""
         ...
 
 
@@ -89,10 +91,14 @@ class ExactSource:
         self._cache[key] = sims
         return sims
 
-    def search(self, queries: np.ndarray, depth: int) -> np.ndarray:
+    def search(self, queries: np.ndarray, depth: int,
+               allowed: np.ndarray | None = None) -> np.ndarray:
         depth = min(int(depth), self.ntotal)
-        rows, _ = topk(self.similarities(queries), depth)
-        return rows
+        sims = self.similarities(queries)
+        if allowed is None:
+            return topk(sims, depth)[0]
+        rows, vals = topk(np.where(allowed, sims, -np.inf), depth)
+        return np.where(np.isfinite(vals), rows, -1)
 
 
 @dataclass(frozen=True)
@@ -242,9 +248,11 @@ def composed_topk(
     brute force). WeiCom needs the full-archive ``img_stats``/``txt_stats`` (see
     :func:`rscir.moments.query_stats`). ``max_depth`` caps the stream depth (ANN indexes);
     queries stopped by the cap rather than by the bound have ``certified == False``.
-    ``allowed`` (N,) bool restricts the results (metadata filters); it never loosens the bound,
-    since the unseen allowed items are a subset of the unseen items. Fewer than k rows come back
-    (padded with -1) when the cap is reached before k allowed items were seen.
+    ``allowed`` (N,) bool restricts the results (metadata filters) and is passed to the source,
+    whose streams then hold allowed rows only (so a selective filter does not leave the capped
+    streams nearly empty); the bound stays valid, since a filtered exact stream bounds every
+    unseen allowed item. Fewer than k rows come back (padded with -1) when the cap is reached
+    before k allowed items were seen.
     """
     check_method(method)
     lam = check_lam(lam)
@@ -315,7 +323,8 @@ def composed_topk(
         if comb is not None:
             wanted.append(("comb", comb[active]))
         # one search call for every stream: the source parallelizes over its queries
-        found = src.search(np.concatenate([v for _, v in wanted]), depth)
+        qs = np.concatenate([v for _, v in wanted])
+        found = src.search(qs, depth) if allowed is None else src.search(qs, depth, allowed)
         m = active.size
         streams = [(name, found[i * m : (i + 1) * m]) for i, (name, _) in enumerate(wanted)]
         cand = np.concatenate([r for _, r in streams], axis=1)
