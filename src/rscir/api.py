@@ -67,6 +67,7 @@ def index(
     arch: str | None = None,
     checkpoint: str | None = None,
     device: str = "auto",
+    precision: str = "auto",
     encoder: Encoder | None = None,
     num_workers: int | None = None,
     **options: Any,
@@ -74,7 +75,8 @@ def index(
     """Index or resume indexing ``folder`` into ``store`` on this machine. With an existing
     store and no model given, the store's own model is used. ``options`` are
     :class:`~rscir.ingest.pipeline.IngestOptions` fields (labels, dtype, segment_size, ...);
-    for a Ray cluster see :func:`rscir.ingest.ray_data.index_folder_ray`."""
+    for a Ray cluster see :func:`rscir.ingest.ray_data.index_folder_ray`. ``precision`` bf16
+    or int8 runs open_clip image towers faster on CPU, slightly lossy (docs: benchmarks)."""
     from .ingest.local import index_folder
 
     if encoder is None:
@@ -83,5 +85,6 @@ def index(
         if info is not None:
             model, arch, checkpoint = reg.args_for_store(info, model=model, arch=arch,
                                                          checkpoint=checkpoint)
-        encoder = reg.load(model, arch=arch, checkpoint=checkpoint, device=device)
+        encoder = reg.load(model, arch=arch, checkpoint=checkpoint, device=device,
+                           precision=precision)
     return index_folder(folder, store, encoder, num_workers=num_workers, **options)

@@ -89,3 +89,25 @@ def test_cli_errors_are_clean(tmp_path: Path, image_folder: Path, capsys) -> Non
                      "RSCIR-Tiny", "--checkpoint", str(ck), "--workers", "0")
     assert rc == 2 and "was built with model" in err
     assert (store / "state.json").read_text() == before
+
+
+def test_cli_index_precision(tmp_path: Path, image_folder: Path, capsys) -> None:
+    """--precision bf16 gives an open_clip store within bf16 rounding of the fp32 one; a model
+    without a lossy path says so instead of ignoring the flag, and writes nothing."""
+    import numpy as np
+
+    from rscir.stores import DirectoryStore
+
+    for prec in ("fp32", "bf16"):
+        rc, _, err = run(capsys, "index", str(image_folder), "--store", str(tmp_path / prec),
+                         "--model", "rscir-tiny", "--no-progress", "--workers", "0",
+                         "--device", "cpu", "--precision", prec)
+        assert rc == 0, err
+    a, b = (np.asarray(DirectoryStore.open(tmp_path / p).embeddings, np.float32)
+            for p in ("fp32", "bf16"))
+    diff = float(np.abs(a - b).max())
+    assert 0 < diff < 0.05  # bf16 keeps 8 bits of mantissa: different, but close
+    rc, _, err = run(capsys, "index", str(image_folder), "--store", str(tmp_path / "mini"),
+                     "--model", "classic", "--no-progress", "--precision", "int8")
+    assert rc == 2 and "fp32 only" in err and "--precision" in err
+    assert not (tmp_path / "mini").exists()

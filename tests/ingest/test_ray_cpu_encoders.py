@@ -65,4 +65,6 @@ def test_default_model_on_ucm_tiles(tmp_path: Path, ray_address: str,
     a, b = DirectoryStore.open(tmp_path / "local"), DirectoryStore.open(tmp_path / "ray")
     assert b.manifest.model.same_space(a.manifest.model)
     rows = a.rows_for_paths(b.items["path"].tolist())
-    np.testing.assert_array_equal(np.asarray(b.embeddings), np.asarray(a.embeddings)[rows])
+    # one torch thread per actor vs the local thread count: float16 rounding may differ by an ulp
+    np.testing.assert_allclose(np.asarray(b.embeddings, np.float32),
+                               np.asarray(a.embeddings, np.float32)[rows], atol=1e-4, rtol=0)

@@ -51,12 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rscir: interrupted", file=sys.stderr)
         return 130
-    except (RscirError, OSError, ValueError, RuntimeError, KeyError) as e:
-        # TODO(layout): RscirError alone once every raise site uses rscir.errors
+    except (RscirError, OSError) as e:
+        # rscir's own errors say how to fix them; an OSError is the file system's answer about
+        # a path the user gave (permission, disk full). Anything else is a bug: a traceback.
         if args.verbose:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"rscir {args.command}: error: {msg}", file=sys.stderr)
+        print(f"rscir {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:  # an optional package that is not installed: name its extra
         hint = hint_for(e, f"rscir {args.command}")

@@ -43,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                   help="open_clip image tower: auto = fp32 on CPU (exact), bf16 on CUDA; "
+                        "bf16/int8 on CPU are faster and slightly lossy (top-10 agreement "
+                        "printed by benchmarks/encode_throughput.py)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores)")
     p.add_argument("--labels", choices=["folder", "none"], default="folder",
                    help="class label from the parent folder name, or none")
@@ -149,12 +153,13 @@ def cmd_index(a: argparse.Namespace) -> int:
 
         rep = index_folder_ray(a.folder, a.store, model=a.model, arch=a.arch,
                                checkpoint=a.checkpoint, device=a.device,
-                               address=a.ray or None, **options)
+                               precision=a.precision, address=a.ray or None, **options)
     else:
         from ..api import index
 
         rep = index(a.folder, a.store, model=a.model, arch=a.arch, checkpoint=a.checkpoint,
-                    device=a.device, num_workers=a.workers, **options)
+                    device=a.device, precision=a.precision, num_workers=a.workers,
+                    **options)
     if a.json:
         print(json.dumps(rep.to_dict(), indent=1))
     else:

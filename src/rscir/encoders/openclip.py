@@ -47,7 +47,7 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("CUDA was requested but no CUDA device is available")
+        raise InvalidArgumentError("CUDA was requested but no CUDA device is available; use --device cpu or auto")
     return dev
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..errors import ModelUnavailableError
+from ..errors import InvalidArgumentError, ModelUnavailableError
 from .base import Encoder, ModelInfo
 
 
@@ -151,4 +151,7 @@ class ModelRegistry:
         spec = self.resolve(name, arch=arch, checkpoint=checkpoint)
         if spec.backend not in self.loaders:
             raise ModelUnavailableError(f"no loader for backend {spec.backend!r}")
+        if precision not in ("auto", "fp32") and spec.backend != "open_clip":
+            raise InvalidArgumentError(
+                f"model {spec.name!r} runs in fp32 only; drop --precision {precision}")
         return self.loaders[spec.backend](spec, LoadOptions(device, precision, batch_size))

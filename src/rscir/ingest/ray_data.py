@@ -539,7 +539,8 @@ class RayDriver(Driver):
     def embed(self, root: Path, plan: WorkPlan, read: RasterRead, opts: IngestOptions,
               ) -> Iterator[EmbeddedBatch]:
         if self._place is None:
-            raise RuntimeError("RayDriver.embed runs inside session()")
+            raise InvalidArgumentError(
+                "RayDriver.embed runs inside session(); call it within `with driver.session()`")
         if self._place.device == "cpu":
             yield from self._embed_on_cpus(root, plan, read, opts)
         else:

@@ -31,6 +31,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..errors import InvalidArgumentError, QueryError
 from ..scoring import NEEDS_IMAGE, NEEDS_TEXT, QueryStats, check_lam, check_method, fuse, topk
 
 
@@ -257,14 +258,14 @@ def composed_topk(
     check_method(method)
     lam = check_lam(lam)
     if method in NEEDS_IMAGE and img is None:
-        raise ValueError(f"method {method!r} needs a query image")
+        raise QueryError(f"method {method!r} needs a query image; give one or pick a text-only method")
     if method in NEEDS_TEXT and txt is None:
-        raise ValueError(f"method {method!r} needs a query text")
+        raise QueryError(f"method {method!r} needs a query text; give one or pick an image-only method")
     use_img, use_txt = _streams_needed(method, lam)
     if method == "weicom" and (
         (use_img and img_stats is None) or (use_txt and txt_stats is None)
     ):
-        raise ValueError("weicom top-k needs full-archive query statistics (rscir.moments)")
+        raise InvalidArgumentError("weicom top-k needs full-archive query statistics; pass img_stats/txt_stats from rscir.moments")
     qi = None if img is None else np.atleast_2d(np.asarray(img, np.float32))
     qt = None if txt is None else np.atleast_2d(np.asarray(txt, np.float32))
     nq = (qi if qi is not None else qt).shape[0]  # type: ignore[union-attr]
@@ -277,10 +278,10 @@ def composed_topk(
     if allowed is not None:
         allowed = np.asarray(allowed, bool)
         if allowed.shape != (n,):
-            raise ValueError(f"allowed must be a boolean mask of shape ({n},), got {allowed.shape}")
+            raise InvalidArgumentError(f"allowed must be a boolean mask of shape ({n},), got {allowed.shape}")
     k = int(k)
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise InvalidArgumentError(f"k must be at least 1, got {k}")
     excl = np.full(nq, -1, np.int64)
     if exclude_rows is not None:
         excl[:] = [-1 if r is None else int(r) for r in exclude_rows]
