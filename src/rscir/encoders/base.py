@@ -50,6 +50,17 @@ class ModelInfo:
         )
 
 
+@dataclass(frozen=True)
+class BandLayout:
+    """The bands an all-band encoder describes (``wants_bands == "all"``): how many, and the
+    0-based positions of red and NIR when known (NDVI). Learnt from the archive before the
+    store is created, because the descriptor's dimension depends on it."""
+
+    count: int
+    red: int | None = None
+    nir: int | None = None
+
+
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     n = np.linalg.norm(x, axis=axis, keepdims=True)
@@ -86,6 +97,17 @@ class Encoder(ABC):
     info: ModelInfo
     batch_size: int = 64
     text_cache: Any = None  # a .text_cache.TextEmbeddingCache where the backend keeps one
+    # "rgb": ``preprocess`` takes an 8-bit RGB PIL image (the composite of a raster);
+    # "all": it takes every band, (C, H, W) float32 reflectance in [0, 1], NaN where masked
+    wants_bands: str = "rgb"
+
+    def for_bands(self, layout: BandLayout) -> Encoder:
+        """This model set up for ``layout`` (all-band encoders); RGB encoders are unchanged."""
+        return self
+
+    def probe_input(self) -> Any:
+        """A blank input of the kind ``preprocess`` takes (to learn its output layout)."""
+        return Image.new("RGB", (64, 64))
 
     @property
     def dim(self) -> int:

@@ -8,6 +8,13 @@ images of UCM-16 + RSSCN7 (std floored at 5% of the median std, so bins that nev
 cannot explode); z-scoring raises UCM-16 image-to-image mAP from 0.23 (raw block-normalized
 features) to 0.32, RSSCN7 from 0.34 to 0.44. A user ``.npz`` with ``mean`` and ``std`` can be
 given instead (``--checkpoint``), e.g. fitted on one's own archive.
+
+``classic-ms`` (:class:`ClassicMSEncoder`) describes every band of a multispectral item
+(:mod:`rscir.features.multispectral`): ingestion hands it all bands as reflectance instead of
+the RGB composite (``wants_bands = "all"``). Its dimension depends on the band count, learnt
+from the archive, which is part of the model's identity: a 12-band store and an RGB store are
+different spaces. No shipped statistics (they would depend on the bands): descriptors are
+L2-normalized as they are, or standardized with a ``--checkpoint`` .npz of ``mean``/``std``.
 """
 
 from __future__ import annotations
@@ -23,14 +30,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from ..errors import ModelUnavailableError
-from .base import Encoder, ImageLike, ModelInfo, l2_normalize
+from ..errors import ImageDecodeError, ModelUnavailableError
+from .base import BandLayout, Encoder, ImageLike, ModelInfo, l2_normalize
 
 if TYPE_CHECKING:
     from ..features.handcrafted import HandcraftedDescriptor
+    from ..features.multispectral import MultispectralDescriptor
     from .registry import LoadOptions, ModelRegistry, ModelSpec
 
 ARCH = "handcrafted-v1"
+MS_ARCH = "handcrafted-ms-v1"
 STATS_FILE = "classic-handcrafted-v1.npz"
 
 
@@ -49,6 +58,35 @@ class DescribeImage:
 
         arr = to_working_array(image, self.descriptor.size)
         return self.descriptor.from_arrays(arr[None])[0]
+
+
+def as_bands(image: ImageLike) -> np.ndarray:
+    """An all-band encoder's input as (C, H, W) float reflectance: float arrays are band
+    stacks (C, H, W) in [0, 1] (NaN: masked) as ingestion makes them; PIL images and uint8
+    arrays (H, W[, C], channels last) are 8-bit images, scaled by 1/255."""
+    if isinstance(image, Image.Image):
+        arr = np.asarray(image.convert("RGB"), np.float32).transpose(2, 0, 1) / 255.0
+        return arr
+    a = np.asarray(image)
+    if a.dtype == np.uint8:
+        a = a[..., None] if a.ndim == 2 else a
+        return a.transpose(2, 0, 1).astype(np.float32) / 255.0
+    if a.ndim == 2:
+        return a[None].astype(np.float32)
+    if a.ndim != 3:
+        raise ImageDecodeError(f"expected a (C, H, W) band array, got shape {a.shape}")
+    return a.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class DescribeBands:
+    """Picklable all-band input -> (D,) float32 raw descriptor; runs in decode workers."""
+
+    descriptor: MultispectralDescriptor
+
+    def __call__(self, image: ImageLike) -> np.ndarray:
+        planes, weights = self.descriptor.working(as_bands(image))
+        return self.descriptor.from_working(planes[None], weights[None])[0]
 
 
 def load_stats(path: str | Path | None, dim: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -138,7 +176,82 @@ class ClassicEncoder(Encoder):
         )
 
 
+class ClassicMSEncoder(ClassicEncoder):
+    """All-band hand-crafted descriptors (see module docstring); images only.
+
+    Built for 3 bands (RGB tiles) until :meth:`for_bands` sets it up for an archive's
+    layout, which ingestion does before the store is created."""
+
+    wants_bands = "all"
+
+    def __init__(
+        self,
+        name: str = "classic-ms",
+        *,
+        layout: BandLayout | None = None,
+        stats: str | Path | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        from ..features.multispectral import MultispectralDescriptor  # scikit-image: on use
+
+        self.layout = layout or BandLayout(3)
+        self.stats_path = stats
+        self.ms = MultispectralDescriptor(self.layout.count, self.layout.red, self.layout.nir)
+        self.batch_size = batch_size
+        cfg = self.ms.config()
+        h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+        source = None
+        if stats is not None:
+            self.mean, self.std, source = load_stats(stats, self.ms.dim)
+            h.update(self.mean.tobytes())
+            h.update(self.std.tobytes())
+        else:
+            self.mean, self.std = np.zeros(self.ms.dim), np.ones(self.ms.dim)
+        self.info = ModelInfo(
+            name=name,
+            arch=MS_ARCH,
+            fingerprint="sha256:" + h.hexdigest(),
+            dim=self.ms.dim,
+            backend="classic",
+            source=source,
+            preprocessing={"descriptor": cfg, "bands": "all", "band_count": self.layout.count,
+                           "text": False},
+        )
+        self._ms_preprocess = DescribeBands(self.ms)
+
+    @property
+    def preprocess(self) -> Callable[[Any], Any]:
+        return self._ms_preprocess
+
+    def for_bands(self, layout: BandLayout) -> ClassicMSEncoder:
+        if layout == self.layout:
+            return self
+        return ClassicMSEncoder(self.info.name, layout=layout, stats=self.stats_path,
+                                batch_size=self.batch_size)
+
+    def probe_input(self) -> Any:
+        return np.zeros((self.layout.count, 64, 64), np.float32)
+
+    def warm_up(self) -> None:
+        self.encode_images([self.probe_input()])
+
+    def standardize(self, raw: np.ndarray) -> np.ndarray:
+        """Raw descriptors (B, D) -> (z-scored when stats were given) L2-normalized float32."""
+        if self.stats_path is None:
+            return l2_normalize(np.asarray(raw, np.float32))
+        return super().standardize(raw)
+
+    def encode_images(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Band stacks (C, H, W) float, or 8-bit images (3 bands) when the model has 3."""
+        if len(images) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return self.standardize(self.ms([as_bands(im) for im in images],
+                                        batch_size=self.batch_size))
+
+
 def _load_classic(spec: ModelSpec, opts: LoadOptions) -> Encoder:
+    if spec.options.get("bands") == "all":
+        return ClassicMSEncoder(spec.name, stats=spec.checkpoint, batch_size=opts.batch_size)
     return ClassicEncoder(spec.name, stats=spec.checkpoint, batch_size=opts.batch_size)
 
 
@@ -153,5 +266,15 @@ def register(registry: ModelRegistry) -> None:
             ARCH,
             backend="classic",
             description="hand-crafted colour + LBP + Gabor descriptor (no weights, images only)",
+        )
+    )
+    registry.register(
+        ModelSpec(
+            "classic-ms",
+            MS_ARCH,
+            backend="classic",
+            description="hand-crafted descriptor of every band of multispectral items "
+            "(per-band statistics + LBP/Gabor; no weights, images only)",
+            options={"bands": "all"},
         )
     )

@@ -6,5 +6,6 @@ from .handcrafted import (
     describe_arrays,
     to_working_array,
 )
+from .multispectral import MultispectralDescriptor
 
-__all__ = ["HandcraftedDescriptor", "describe", "describe_arrays", "to_working_array"]
+__all__ = ["HandcraftedDescriptor", "MultispectralDescriptor", "describe", "describe_arrays", "to_working_array"]

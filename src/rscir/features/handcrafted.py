@@ -196,6 +196,17 @@ class HandcraftedDescriptor:
         )
         return np.log1p(20.0 * feats) / 2.0  # compress the heavy tail of texture energy
 
+    def texture(self, gray_u8: np.ndarray, gray01: np.ndarray) -> np.ndarray:
+        """The LBP and Gabor blocks of (B, size, size) grey images, scaled as in
+        :meth:`from_arrays` (for descriptors of other images, e.g. multispectral ones)."""
+        return np.concatenate([self._lbp(gray_u8) / np.sqrt(len(self.lbp_scales)),
+                               self._gabor(gray01) * 1.5], axis=1)
+
+    @property
+    def texture_dim(self) -> int:
+        d = self.block_dims()
+        return d["lbp"] + d["gabor"]
+
     def from_arrays(self, batch: np.ndarray) -> np.ndarray:
         """(B, size, size, 3) uint8 -> (B, D) float32 descriptors."""
         arr = np.asarray(batch)

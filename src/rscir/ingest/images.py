@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ..errors import ImageDecodeError
@@ -29,10 +31,11 @@ def _load_raster(path: Path, max_pixels: int, read: RasterRead | None
                  ) -> tuple[Image.Image, ImageMeta]:
     cache = RasterCache(max_open=1, max_pixels=max_pixels)
     try:
-        d = read_unit(path.parent, UnitTask((path.name,), None, False), read or RasterRead(),
-                      cache, max_pixels)
+        d = read_unit(path.parent, UnitTask((path.name,), None, False),
+                      replace(read or RasterRead(), all_bands=False), cache, max_pixels)
     finally:
         cache.close()
+    assert d.rgb is not None
     return Image.fromarray(d.rgb), d.meta
 
 
@@ -69,17 +72,27 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
     return rgb, ImageMeta(w, h)
 
 
+def rgb_bands(image: Image.Image) -> np.ndarray:
+    """An RGB image as an all-band read of it: (3, H, W) float32 in [0, 1]."""
+    return np.asarray(image.convert("RGB"), np.float32).transpose(2, 0, 1) / np.float32(255.0)
+
+
 def decode_unit(root: Path, task: UnitTask, read: RasterRead, cache: RasterCache,
-                max_pixels: int) -> tuple[Image.Image | None, ImageMeta, float]:
+                max_pixels: int) -> tuple[Image.Image | np.ndarray | None, ImageMeta, float]:
     """(RGB image, metadata, share of valid pixels) of one work unit. A whole ordinary image
     file decodes exactly as :func:`load_image` does; rasters, chips and band stacks are read
     through ``cache``. The image is None for a chip whose valid share is under
-    ``read.min_valid`` (skipped as empty)."""
+    ``read.min_valid`` (skipped as empty). With ``read.all_bands`` the image is every band,
+    (C, H, W) float32 reflectance with NaN where masked (:meth:`RasterRead.to_reflectance`;
+    a JPEG/PNG tile is its 3 bands / 255)."""
     if task.window is None and not task.stacked and "://" not in task.files[0] and (
             Path(task.files[0]).suffix.lower() not in TIFF_EXTS):
         img, meta = load_image(root / task.files[0], max_pixels)
-        return img, meta, 1.0
+        return (rgb_bands(img) if read.all_bands else img), meta, 1.0
     d: Decoded = read_unit(root, task, read, cache, max_pixels)
     if task.window is not None and d.valid < read.min_valid:
         return None, d.meta, d.valid
+    if d.bands is not None:
+        return d.bands, d.meta, d.valid
+    assert d.rgb is not None
     return Image.fromarray(d.rgb), d.meta, d.valid

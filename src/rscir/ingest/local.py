@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from ..encoders.base import Encoder, ModelInfo
+from ..encoders.base import BandLayout, Encoder, ModelInfo
 from ..errors import ImageDecodeError
 from ..stores.base import EmbeddingStore
 from .archive import FileEntry
@@ -34,7 +33,7 @@ Decoded = tuple[int, Any, ImageMeta | None, str | None, bool]  # idx, input, met
 class _DecodeDataset:
     """Map-style dataset for torch's DataLoader: decode + preprocess, errors as values."""
 
-    def __init__(self, root: Path, plan: WorkPlan, preprocess: Callable[[Image.Image], Any],
+    def __init__(self, root: Path, plan: WorkPlan, preprocess: Callable[[Any], Any],
                  max_pixels: int, read: RasterRead | None = None):
         self.root = root
         self.plan = plan
@@ -62,7 +61,7 @@ class _DecodeDataset:
 def iter_decoded(
     root: Path,
     plan: WorkPlan | list[FileEntry],
-    preprocess: Callable[[Image.Image], Any],
+    preprocess: Callable[[Any], Any],
     *,
     batch_size: int,
     num_workers: int,
@@ -113,6 +112,12 @@ class LocalDriver(Driver):
     @contextlib.contextmanager
     def session(self) -> Iterator[ModelInfo]:
         yield self.encoder.info
+
+    def band_request(self) -> str:
+        return self.encoder.wants_bands
+
+    def bind_bands(self, layout: BandLayout) -> None:
+        self.encoder = self.encoder.for_bands(layout)
 
     def embed(self, root: Path, plan: WorkPlan, read: RasterRead, opts: IngestOptions,
               ) -> Iterator[EmbeddedBatch]:

@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from ..encoders.base import ModelInfo
+from ..encoders.base import BandLayout, ModelInfo
 from ..errors import InvalidArgumentError
 from ..stores.base import EmbeddingStore
 from ..stores.uri import open_or_create_store
 from .archive import LabelMap, changed_mask, item_record, read_label_csv
-from .discover import ARCHIVE_KINDS, Archive, discover
+from .discover import ARCHIVE_KINDS, Archive, band_layout, discover
 from .geo import FilenameTime
 from .images import DEFAULT_MAX_PIXELS
 from .scenes import (
@@ -177,6 +177,17 @@ class Driver(ABC):
         """Batches covering every unit of ``plan`` at least once, in any order; rasters are
         read as ``read`` says."""
 
+    def band_request(self) -> str:
+        """What the encoder reads of a raster: "rgb" (the 8-bit composite) or "all" (every
+        band as reflectance); known before :meth:`session`, which it changes."""
+        return "rgb"
+
+    def bind_bands(self, layout: BandLayout) -> None:
+        """Set an all-band encoder up for the archive's bands (before :meth:`session`);
+        drivers whose :meth:`band_request` can say "all" override this."""
+        raise InvalidArgumentError(
+            f"{type(self).__name__} runs RGB encoders only; index with the local driver")
+
 
 class _Writer:
     """Buffers delivered rows and commits one store segment per ``segment_size`` items; a row
@@ -262,8 +273,11 @@ def run_index(
 
     o = (opts or IngestOptions()).check()
     t0 = time.perf_counter()
+    all_bands = driver.band_request() == "all"
     arch = discover(folder, o.archive, o.raster_read(), asset=o.asset,
-                    bigearthnet_labels=o.bigearthnet_labels)
+                    bigearthnet_labels=o.bigearthnet_labels, all_bands=all_bands)
+    if all_bands and (layout := band_layout(arch, o.max_pixels)) is not None:
+        driver.bind_bands(layout)  # the descriptor's size, so the model's identity, needs it
     root = arch.root
     chip = o.chip()
     label_map = read_label_csv(o.labels_csv) if o.labels_csv is not None else None

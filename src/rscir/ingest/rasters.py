@@ -238,22 +238,30 @@ def href_of(root: Path, rel: str) -> str:
 
 @dataclass(frozen=True)
 class Decoded:
-    """A decoded unit: RGB pixels (H, W, 3) uint8, the share of valid pixels, its metadata."""
+    """A decoded unit: RGB pixels (H, W, 3) uint8 — or, for an all-band read, every band as
+    float32 reflectance (C, H, W) in [0, 1] with NaN where masked — the share of valid pixels,
+    its metadata and (all-band reads) the bands' names where the file gives them."""
 
-    rgb: np.ndarray
+    rgb: np.ndarray | None
     valid: float
     meta: ImageMeta
+    bands: np.ndarray | None = None
+    band_names: tuple[str | None, ...] = ()
 
 
-def read_unit(root: Path, task: UnitTask, read: RasterRead, cache: RasterCache,
-              max_pixels: int) -> Decoded:
-    """Pixels and metadata of one unit (a whole raster, a chip window, or a band stack)."""
+def read_bands(root: Path, task: UnitTask, read: RasterRead, cache: RasterCache,
+               max_pixels: int) -> tuple[np.ndarray, np.ndarray, Raster, tuple[str | None, ...]]:
+    """(raw bands (C, H, W), inside (H, W), the reference raster, band names) of one unit:
+    the RGB composite's bands, or every band when ``read.all_bands``. Band stacks (one file per
+    band) are read on the finest file's grid, coarser files resampled (bilinear) to it — the
+    same reads for the composite and for all-band encoders."""
     rasters = [cache.get(href_of(root, f)) for f in dict.fromkeys(task.files)]
     ref = max(rasters, key=lambda x: x.width)  # band stacks: the finest grid is the reference
     win = task.window
     w, h = (win[2], win[3]) if win is not None else (ref.width, ref.height)
     if win is None and w * h > max_pixels:
         raise ImageDecodeError(oversize_message(w, h, max_pixels))
+    names: tuple[str | None, ...] = ()
     if task.stacked:
         planes, inside = [], None
         for f in task.files:
@@ -262,13 +270,29 @@ def read_unit(root: Path, task: UnitTask, read: RasterRead, cache: RasterCache,
             data, ins = r.read([1], _scaled(win, ref, r), None if same else (h, w))
             planes.append(data[0])
             inside = ins if inside is None else inside & ins
-        bands = np.stack(planes if len(planes) >= 3 else planes * 3)[:3]
+        if read.all_bands:
+            bands = np.stack(planes)
+        else:
+            bands = np.stack(planes if len(planes) >= 3 else planes * 3)[:3]
         assert inside is not None
-        nodata = read.nodata_value(ref.nodata)
     else:
-        idx = read.band_indexes(ref.count, ref.descriptions, ref.colorinterp)
+        if read.all_bands:
+            idx = read.all_band_indexes(ref.count, ref.colorinterp)
+            names = tuple(ref.descriptions[i - 1] if i <= len(ref.descriptions) else None
+                          for i in idx)
+        else:
+            idx = read.band_indexes(ref.count, ref.descriptions, ref.colorinterp)
         bands, inside = ref.read(idx, win)
-        nodata = read.nodata_value(ref.nodata)
+    return bands, inside, ref, names
+
+
+def read_unit(root: Path, task: UnitTask, read: RasterRead, cache: RasterCache,
+              max_pixels: int) -> Decoded:
+    """Pixels and metadata of one unit (a whole raster, a chip window, or a band stack)."""
+    bands, inside, ref, names = read_bands(root, task, read, cache, max_pixels)
+    win = task.window
+    h, w = inside.shape
+    nodata = read.nodata_value(ref.nodata)
     valid = inside.copy()
     if np.issubdtype(bands.dtype, np.floating):
         valid &= np.isfinite(bands).all(axis=0)
@@ -277,13 +301,15 @@ def read_unit(root: Path, task: UnitTask, read: RasterRead, cache: RasterCache,
     m = ref.mask(win)
     if m is not None:
         valid &= m
-    rgb = read.to_uint8(bands, valid if not valid.all() else None)
     share = float(valid.mean()) if valid.size else 0.0
     if nodata is None and m is None:  # no nodata declared: 0 in every band is empty too
         share = float((valid & (bands != 0).any(axis=0)).mean()) if valid.size else 0.0
     fp = ref.footprints(np.array([win or (0, 0, ref.width, ref.height)]))
     meta = ImageMeta(int(w), int(h), float(fp.lon[0]), float(fp.lat[0]), fp.crs,
                      fp.wgs84[0], fp.native[0], ref.datetime)
+    if read.all_bands:
+        return Decoded(None, share, meta, read.to_reflectance(bands, valid), names)
+    rgb = read.to_uint8(bands, valid if not valid.all() else None)
     return Decoded(np.ascontiguousarray(rgb.transpose(1, 2, 0)), share, meta)
 
 
@@ -299,4 +325,5 @@ def _scaled(win: Window | None, ref: Raster, other: Raster) -> Window | None:
             max(1, int(round(h * sy))))
 
 
-__all__ = ["Decoded", "Raster", "RasterCache", "crs_name", "probe_size", "read_unit"]
+__all__ = ["Decoded", "Raster", "RasterCache", "crs_name", "probe_size", "read_bands",
+           "read_unit"]

@@ -36,13 +36,13 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..encoders.base import Encoder, ModelInfo
+from ..encoders.base import BandLayout, Encoder, ModelInfo
 from ..encoders.builtin import default_registry
 from ..encoders.registry import ModelRegistry
 from ..errors import InvalidArgumentError, MissingDependencyError, ModelMismatchError, StoreError
@@ -71,12 +71,20 @@ class EncoderSpec:
     precision: str = "auto"
     batch_size: int = 64
     registry_factory: Callable[[], ModelRegistry] = default_registry
+    layout: BandLayout | None = None  # all-band encoders: the archive's bands
 
     def build(self, device: str) -> Encoder:
-        return self.registry_factory().load(
+        enc = self.registry_factory().load(
             self.model, arch=self.arch, checkpoint=self.checkpoint, device=device,
             precision=self.precision, batch_size=self.batch_size,
         )
+        return enc.for_bands(self.layout) if self.layout is not None else enc
+
+    def band_request(self) -> str:
+        """"all" for a model whose spec says it reads every band (no model is built)."""
+        spec = self.registry_factory().resolve(self.model, arch=self.arch,
+                                               checkpoint=self.checkpoint)
+        return str(spec.options.get("bands", "rgb"))
 
 
 @dataclass(frozen=True)
@@ -92,11 +100,10 @@ class _Probe:
 
 def _probe(spec: EncoderSpec) -> _Probe:
     import torch
-    from PIL import Image
 
     torch.set_num_threads(1)
     enc = spec.build("cpu")
-    sample = enc.preprocess(Image.new("RGB", (64, 64)))
+    sample = enc.preprocess(enc.probe_input())
     as_torch = isinstance(sample, torch.Tensor)
     arr = sample.numpy() if as_torch else np.asarray(sample)
     return _Probe(enc.info, enc.preprocess, as_torch, tuple(arr.shape), str(arr.dtype))
@@ -535,6 +542,12 @@ class RayDriver(Driver):
                 for a in self._actors:
                     ray.kill(a)
                 self._actors = []
+
+    def band_request(self) -> str:
+        return self.spec.band_request()
+
+    def bind_bands(self, layout: BandLayout) -> None:
+        self.spec = replace(self.spec, layout=layout)
 
     def embed(self, root: Path, plan: WorkPlan, read: RasterRead, opts: IngestOptions,
               ) -> Iterator[EmbeddedBatch]:

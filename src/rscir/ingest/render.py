@@ -50,4 +50,5 @@ def item_image(store: EmbeddingStore, rel: str, max_pixels: int = DEFAULT_MAX_PI
         d = read_unit(root, UnitTask(files, window, stacked), read, cache, max_pixels)
     finally:
         cache.close()
+    assert d.rgb is not None  # settings never ask for an all-band read
     return Image.fromarray(d.rgb)

@@ -19,6 +19,11 @@ naip               red, green, blue, nir (uint8)                0–255         
 Sentinel-2 digital numbers are reflectance × 10000; products of processing baseline 04.00
 and later (from January 2022) add 1000 (``BOA_ADD_OFFSET``): pass ``--stretch 1000,4000`` for
 those. Landsat Collection 2 Level-2 surface reflectance is DN × 0.0000275 − 0.2.
+
+Encoders that describe every band (``classic-ms``) get :meth:`RasterRead.to_reflectance`
+instead: all bands as float32 in [0, 1], by the preset's reflectance scale (ρ, so near-infrared
+and SWIR bands are not clipped at the RGB stretch's 0.3), else ``--stretch``, else 8-bit / 255,
+else a 2–98 percentile stretch per band; masked pixels are NaN.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ class SensorPreset:
     nodata: float | None
     aliases: tuple[tuple[str, str], ...] = ()
     description: str = ""
+    reflectance: tuple[float, float] = (1.0, 0.0)  # ρ = DN × scale + offset (all-band reads)
 
     def index_of(self, name: str) -> int | None:
         """1-based position of a band name (or alias) in the standard stack."""
@@ -66,15 +72,18 @@ class SensorPreset:
 
 PRESETS: dict[str, SensorPreset] = {p.name: p for p in (
     SensorPreset("sentinel2-l2a", S2_L2A, ("B04", "B03", "B02"), (0.0, 3000.0), 0.0,
-                 tuple(S2_ALIASES.items()), "Sentinel-2 L2A, DN = reflectance × 10000"),
+                 tuple(S2_ALIASES.items()), "Sentinel-2 L2A, DN = reflectance × 10000",
+                 (1e-4, 0.0)),
     SensorPreset("sentinel2-l1c", S2_L1C, ("B04", "B03", "B02"), (0.0, 3000.0), 0.0,
-                 tuple(S2_ALIASES.items()), "Sentinel-2 L1C, DN = reflectance × 10000"),
+                 tuple(S2_ALIASES.items()), "Sentinel-2 L1C, DN = reflectance × 10000",
+                 (1e-4, 0.0)),
     SensorPreset("landsat-c2l2", LANDSAT, ("SR_B4", "SR_B3", "SR_B2"),
                  ((0.0 + 0.2) / 0.0000275, (0.3 + 0.2) / 0.0000275), 0.0,
                  tuple(LANDSAT_ALIASES.items()),
-                 "Landsat 8/9 Collection 2 Level-2 SR, ρ = DN × 0.0000275 − 0.2"),
+                 "Landsat 8/9 Collection 2 Level-2 SR, ρ = DN × 0.0000275 − 0.2",
+                 (0.0000275, -0.2)),
     SensorPreset("naip", ("red", "green", "blue", "nir"), ("red", "green", "blue"),
-                 (0.0, 255.0), None, (), "NAIP 4-band uint8 (R, G, B, NIR)"),
+                 (0.0, 255.0), None, (), "NAIP 4-band uint8 (R, G, B, NIR)", (1 / 255, 0.0)),
 )}
 
 
@@ -125,13 +134,18 @@ class RasterRead:
     ``bands`` None: a preset's RGB bands, else the file's red/green/blue colour
     interpretation, else bands 1, 2, 3 (band 1 thrice for a single band). ``stretch`` None: the
     preset's fixed stretch, else uint8 as is, else a 2–98 percentile stretch per band of each
-    image (or chip), computed over valid pixels."""
+    image (or chip), computed over valid pixels.
+
+    ``all_bands``: every band, as float32 reflectance (:meth:`to_reflectance`), for encoders
+    that describe them all; set by the pipeline from the encoder, never stored in settings
+    (thumbnails stay RGB)."""
 
     bands: tuple[str | int, ...] | None = None
     sensor: str | None = None
     stretch: tuple[str, float, float] | None = None
     nodata: float | None = None
     min_valid: float = 0.5
+    all_bands: bool = False
 
     def check(self) -> RasterRead:
         if self.sensor is not None and self.sensor not in PRESETS:
@@ -194,6 +208,33 @@ class RasterRead:
             out.append(i)
         return out * 3 if len(out) == 1 else out
 
+    def all_band_indexes(self, count: int, colorinterp: Sequence[str] = ()) -> list[int]:
+        """1-based indexes of every band of an all-band read: all but alpha bands (a mask)."""
+        ci = [c.lower() for c in colorinterp] + [""] * count
+        return [i for i in range(1, count + 1) if ci[i - 1] != "alpha"]
+
+    def spectral_positions(self, count: int, names: Sequence[str | None] = ()
+                           ) -> tuple[int | None, int | None]:
+        """0-based (red, NIR) positions in an all-band read of ``count`` bands, when the band
+        names (the file's descriptions) or the sensor preset's full stack say which they are;
+        else None (the descriptor then has no NDVI block)."""
+        low = [(n or "").strip().lower() for n in names]
+        p = self.preset
+        out: list[int | None] = []
+        for role in ("red", "nir"):
+            pos: int | None = None
+            if p is not None:
+                key = dict((k.lower(), v.lower()) for k, v in p.aliases).get(role, role)
+                if key in low:
+                    pos = low.index(key)
+                elif not any(low) and count == len(p.bands):
+                    i = p.index_of(role)
+                    pos = None if i is None else i - 1
+            if pos is None and role in low:
+                pos = low.index(role)
+            out.append(pos)
+        return out[0], out[1]
+
     def nodata_value(self, file_nodata: float | None) -> float | None:
         """The value that marks missing pixels: given, else the file's, else the preset's."""
         if self.nodata is not None:
@@ -234,4 +275,34 @@ class RasterRead:
         out = np.clip((b - lo3) / (hi3 - lo3) * 255.0, 0, 255).astype(np.uint8)
         if valid is not None:
             out[:, ~valid] = 0
+        return out
+
+    def to_reflectance(self, bands: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """(C, H, W) raw values → (C, H, W) float32 in [0, 1], NaN where not ``valid``: the
+        preset's reflectance scale (ρ = DN × scale + offset, unless ``--stretch`` is given),
+        else the fixed or percentile ``--stretch``, else uint8 / 255, else a 2–98 percentile
+        stretch per band over valid pixels. Reflectance, not the RGB stretch, so that bright
+        NIR/SWIR bands keep their contrast."""
+        b = bands.astype(np.float64)
+        ok = np.isfinite(b) & (valid[None] if valid is not None else True)
+        p = self.preset
+        if self.stretch is None and p is not None:
+            out = b * p.reflectance[0] + p.reflectance[1]
+        elif self.stretch is None and bands.dtype == np.uint8:
+            out = b / 255.0
+        else:
+            if self.stretch is not None and self.stretch[0] == "fixed":
+                lo = np.full(len(b), self.stretch[1])
+                hi = np.full(len(b), self.stretch[2])
+            else:
+                plo, phi = (2.0, 98.0) if self.stretch is None else self.stretch[1:]
+                lo, hi = np.zeros(len(b)), np.ones(len(b))
+                for i in range(len(b)):  # per band over its valid pixels
+                    v = b[i][ok[i]]
+                    if v.size:
+                        lo[i], hi[i] = np.percentile(v, [plo, phi])
+                hi = np.where(hi > lo, hi, lo + 1.0)
+            out = (b - lo[:, None, None]) / (hi - lo)[:, None, None]
+        out = np.clip(out, 0.0, 1.0).astype(np.float32)
+        out[:, ~ok.all(axis=0)] = np.nan
         return out

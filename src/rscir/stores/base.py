@@ -105,6 +105,12 @@ class EmbeddingStore(ABC):
     def check_model(self, model: ModelInfo) -> None:
         """Raise :class:`ModelMismatchError` unless ``model`` embeds into this store's space."""
         mine = self.manifest.model
+        nb, ob = mine.preprocessing.get("band_count"), model.preprocessing.get("band_count")
+        if not mine.same_space(model) and nb is not None and ob is not None and nb != ob:
+            raise ModelMismatchError(
+                f"store {self.location} holds {mine.name!r} descriptors of {nb}-band items, "
+                f"but these items have {ob} bands: index them into a new store (one band "
+                "count per store), or use an RGB model (e.g. --model classic) for both")
         if not mine.same_space(model):
             raise ModelMismatchError(
                 f"store {self.location} was built with model {mine.name!r} (arch {mine.arch}, "
