@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .encoders.base import Encoder
+from .encoders.base import BandLayout, Encoder
 from .encoders.builtin import default_registry
 from .encoders.registry import ModelRegistry
 from .ingest.pipeline import IndexReport
@@ -39,6 +39,9 @@ def load_encoder_for_store(
     model, arch, checkpoint = reg.args_for_store(store.manifest.model, model=model, arch=arch,
                                                  checkpoint=checkpoint)
     enc = reg.load(model, arch=arch, checkpoint=checkpoint, device=device, **kwargs)
+    layout = BandLayout.of(store.manifest.model)
+    if layout is not None:  # all-band models: set up for the store's bands
+        enc = enc.for_bands(layout)
     store.check_model(enc.info)
     return enc
 

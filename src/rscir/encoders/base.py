@@ -60,6 +60,14 @@ class BandLayout:
     red: int | None = None
     nir: int | None = None
 
+    @classmethod
+    def of(cls, info: ModelInfo) -> BandLayout | None:
+        """The layout a model's identity records (all-band models), else None."""
+        d = info.preprocessing.get("layout")
+        if not isinstance(d, dict):
+            return None
+        return cls(int(d["count"]), d.get("red"), d.get("nir"))
+
 
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)

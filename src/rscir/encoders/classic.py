@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -215,7 +215,7 @@ class ClassicMSEncoder(ClassicEncoder):
             backend="classic",
             source=source,
             preprocessing={"descriptor": cfg, "bands": "all", "band_count": self.layout.count,
-                           "text": False},
+                           "layout": asdict(self.layout), "text": False},
         )
         self._ms_preprocess = DescribeBands(self.ms)
 
