@@ -117,6 +117,11 @@ def test_bigearthnet_all_bands_and_multilabel_retrieval(tmp_path: Path) -> None:
     lm = np.array([[n in ls for n in names] for ls in items["labels"]], np.float32)
     pq = multi_label_retrieval(emb, lm, ks=(1, 3))
     assert len(pq["query"]) == 4 and np.isfinite(pq["AP"]).all()
+    # a hashing estimator trains on the all-band embeddings as on any others
+    from rscir.hashing import make_hasher
+
+    codes = make_hasher("lsh", 16).fit(emb).transform(emb)
+    assert codes.shape == (4, 2) and codes.dtype == np.uint8
     # one band count per store: RGB tiles into the 12-band store are refused, naming the fix
     tiles = make_image_folder(tmp_path / "tiles", {"beach": 2})
     with pytest.raises(ModelMismatchError, match="12-band.*3 bands.*new store"):

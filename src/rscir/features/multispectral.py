@@ -105,7 +105,7 @@ class MultispectralDescriptor:
             raise ImageDecodeError(
                 f"expected {self.count} bands as a (C, H, W) array, got shape {x.shape}: this "
                 f"model describes {self.count}-band items; index items with another band "
-                "count into another store")
+                "count into another store (and query an all-band store by item, --item-id)")
         x = x.astype(np.float64)
         ok = np.isfinite(x).all(axis=0)
         fill = np.where(ok, x, 0.0).sum(axis=(1, 2)) / max(int(ok.sum()), 1)  # 0 if none
