@@ -585,7 +585,7 @@ def main() -> None:
 
         kind = kind or choose_kind(a.n)
         want = AnnParams(**params).resolved(a.n, a.dim, kind)
-        query_time = ("ef_search", "ef_search_max", "nprobe", "rerank_factor",
+        query_time = ("ef_search", "ef_search_max", "nprobe", "rerank_factor", "stream_depth",
                       "rerank_extra_max", "filter_exact_above", "filter_max_depth")
         meta = info["meta"]
         same = meta is not None and not info["stale"] and meta["kind"] == kind and all(

@@ -265,3 +265,46 @@ def test_ivfpq_store_search_recall(tmp_path: Path) -> None:
     same = r == b
     np.testing.assert_allclose(v[same], vb[same], atol=1e-6)
 
+
+
+def test_unproven_filtered_queries_fall_back_to_exact(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streams capped far too shallow cannot prove a filtered top-k: those queries are scored
+    exactly on the allowed items (brute force's answer), unless the filter passes more than
+    ``fallback_max`` items."""
+    from rscir.search.directory import AnnStream
+
+    st = _tagged_store(tmp_path, "ivf", AnnParams(nlist=64, nprobe=8, filter_max_depth=12,
+                                                     stream_depth=12))
+    qi, qt, excl = _composed(st)
+    f = FILTERS["50%"]
+    brute = Searcher(st, None, strategy="brute")
+    b, vb = brute.search_vectors(qi, qt, "weicom", 0.5, 10, exclude_ids=excl, where=f)
+    rescored: list[int] = []
+    orig = AnnStream._brute
+
+    def spy(self, query, *args, **kwargs):  # type: ignore[no-untyped-def]
+        rescored.append(query.nq)
+        return orig(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(AnnStream, "_brute", spy)
+    recall = {}
+    for fb in (0, 1_000_000):
+        rescored.clear()
+        s = Searcher(st, None, strategy="ann",
+                     stream=StreamParams(subset_max=0, max_depth=12, fallback_max=fb))
+        r, v = s.search_vectors(qi, qt, "weicom", 0.5, 10, exclude_ids=excl, where=f)
+        assert s.strategy().plan(int(f.mask(st.items).sum())) == "filtered streams"  # type: ignore[attr-defined]
+        recall[fb] = _recall(r, b)
+        # with the fallback, the capped queries (not all: approximate streams may still
+        # "prove" an answer) were re-scored exactly; without it, none
+        assert (sum(rescored) > 0) == (fb > 0), (fb, rescored)
+    assert recall[1_000_000] >= recall[0]
+
+
+def test_stream_depth_grows_with_the_archive() -> None:
+    p = AnnParams()
+    assert [p.stream_depth_for(n) for n in (1000, 1_000_000, 5_000_000, 10_000_000,
+                                            20_000_000, 50_000_000)] == [256, 256, 256, 512,
+                                                                         1024, 4096]
+    assert AnnParams(stream_depth=64).stream_depth_for(10_000_000) == 64

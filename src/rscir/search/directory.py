@@ -227,7 +227,10 @@ class ExactStream(_DirectoryStrategy):
         for qi, r in enumerate(excl.tolist()):
             if r >= 0 and (mask is None or mask[r]):
                 want[qi] = min(k, n_ok - 1)
-        short = np.flatnonzero((rows >= 0).sum(axis=1) < want)
+        redo = (rows >= 0).sum(axis=1) < want
+        if subset is not None and len(subset) <= self.params.stream.fallback_max:
+            redo |= ~res.certified  # filtered, stopped by the cap: exact on the allowed items
+        short = np.flatnonzero(redo)
         if short.size:
             rows[short], vals[short] = self._brute(
                 self._sub(query, short), lam, k, excl[short], subset,
@@ -266,12 +269,12 @@ class AnnStream(ExactStream):
         # a flat index gives exact streams: TA certifies its answer, so no cap is needed.
         # A filter's best items lie deeper in the streams than unfiltered ones (the answer
         # is further from the query): TA may read them deeper, until its bound stops it
+        unfiltered = max(stream.max_depth, source.params.stream_depth_for(source.ntotal))
         max_depth = None if source.kind == "flat" else (
-            max(stream.max_depth, source.params.filter_max_depth) if filtered
-            else stream.max_depth)
+            max(unfiltered, source.params.filter_max_depth) if filtered else unfiltered)
         start = stream.start_depth
         if start is None and source.kind != "hnsw":
-            start = stream.max_depth  # a list or full scan costs the same at any depth
+            start = unfiltered  # a list or full scan costs the same at any depth
         return source, max_depth, start
 
 

@@ -128,11 +128,15 @@ class StreamParams:
 
     ``max_depth`` caps how deep approximate ANN streams are read (exact streams, including a
     flat ANN index, are never capped); a filter that passes at most ``subset_max`` items is
-    scored exactly on those items instead, which is both faster and exact."""
+    scored exactly on those items instead, which is both faster and exact. A filtered query
+    whose capped streams could not prove their top-k (the threshold algorithm stopped at the
+    cap) is scored exactly on its allowed items when they are at most ``fallback_max``: recall
+    is kept at the cost of that query's latency, as pgvector's iterative scans do."""
 
     start_depth: int | None = None
     max_depth: int = 256
     subset_max: int = 20_000
+    fallback_max: int = 1_000_000
 
 
 @dataclass(frozen=True)

@@ -135,9 +135,13 @@ class FilterIndex:
     def of(cls, items: pd.DataFrame) -> FilterIndex:
         n = len(items)
         rows: dict[str, list[np.ndarray]] = {}
-        single = items["label"].to_numpy(dtype=object)
-        for lab in pd.unique(single[pd.notna(single)]):
-            rows.setdefault(str(lab), []).append(np.flatnonzero(single == lab))
+        # one factorize + one stable sort: O(n log n) whatever the number of classes
+        codes, uniques = pd.factorize(items["label"].to_numpy(dtype=object), use_na_sentinel=True)
+        if len(uniques):
+            order = np.argsort(codes, kind="stable")
+            bounds_ = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
+            for c, lab in enumerate(uniques):
+                rows.setdefault(str(lab), []).append(order[bounds_[c]:bounds_[c + 1]])
         lens = np.fromiter((len(v) for v in items["labels"]), np.int64, n)
         if lens.sum():
             flat = np.concatenate([np.asarray(v, dtype=object) for v in items["labels"] if len(v)])
