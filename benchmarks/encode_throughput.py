@@ -53,6 +53,8 @@ def stock_forward(enc: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     model = getattr(enc, "model", None)
     if model is not None and hasattr(model, "encode_image"):
         return model.encode_image
+    if getattr(enc, "numpy_tower", False):  # rscir-mini's default: descriptor + numpy MLP
+        return enc.encode_preprocessed  # type: ignore[no-any-return]
     if hasattr(enc, "tower"):
         return enc.tower
     raise SystemExit(f"no plain forward for {type(enc).__name__}")
@@ -65,7 +67,11 @@ def plain_loop(enc: Any, files: list[Path], batch_size: int) -> np.ndarray:
     out = []
     with torch.no_grad():
         for i in range(0, len(files), batch_size):
-            x = torch.stack([pre(Image.open(f).convert("RGB")) for f in files[i : i + batch_size]])
+            items = [pre(Image.open(f).convert("RGB")) for f in files[i : i + batch_size]]
+            if not isinstance(items[0], torch.Tensor):  # numpy inputs: the numpy tower
+                out.append(np.asarray(forward(np.stack(items)), np.float32))
+                continue
+            x = torch.stack(items)
             autocast = getattr(enc, "_autocast", None)
             if autocast is not None and dev.type == "cuda":
                 with autocast():
@@ -148,7 +154,7 @@ def main() -> None:
           f"batch={a.batch_size} rounds={a.rounds}")
     print(f"load average before {load0[0]:.1f}, after {os.getloadavg()[0]:.1f}")
     print(f"{'pipeline':<30}{'seconds':>9}{'images/s':>10}{'CPU ms/img':>12}   (median; all runs s)")
-    for label, ts, cs in (("plain open_clip loop (fp32)", t_plain, c_plain),
+    for label, ts, cs in (("plain loop (fp32, own forward)", t_plain, c_plain),
                           (f"rscir index ({prec}, to store)", t_rscir, c_rscir)):
         t, c = statistics.median(ts), statistics.median(cs)
         print(f"{label:<30}{t:>9.2f}{n / t:>10.1f}{1e3 * c / n:>12.1f}   "

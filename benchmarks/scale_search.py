@@ -426,7 +426,8 @@ def phase_search(store_dir: str, spec: ArchiveSpec, a: argparse.Namespace, truth
     t0 = time.perf_counter()
     idx = strat.index()  # type: ignore[attr-defined]
     # search breadth is a query-time setting: tune it without rebuilding
-    idx.params = replace(idx.params, ef_search=a.ef_search, nprobe=a.nprobe,
+    idx.params = replace(idx.params, ef_search=a.ef_search,
+                         nprobe=a.nprobe or idx.params.probe(idx.kind),
                          rerank_factor=a.rerank_factor,
                          filter_exact_above=a.filter_exact_above,
                          filter_max_depth=a.filter_max_depth)
@@ -536,7 +537,8 @@ def main() -> None:
     ap.add_argument("--hnsw-m", type=int, default=32)
     ap.add_argument("--ef-construction", type=int, default=80)
     ap.add_argument("--ef-search", type=int, default=64)
-    ap.add_argument("--nprobe", type=int, default=64)
+    ap.add_argument("--nprobe", type=int, default=None,
+                    help="IVF lists probed (default: the index's, 64 ivf / 32 ivfpq)")
     ap.add_argument("--rerank-factor", type=int, default=4)
     ap.add_argument("--filter-exact-above", type=float, default=1.0,
                     help="score a filter's items exactly when the widened search would read "

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="PQ sub-quantizers (default: d/8 bytes per vector, d/4 of 4 bits)")
     p.add_argument("--pq-bits", type=int, choices=[4, 8], default=4,
                    help="bits per PQ code: 4 = FastScan (SIMD scan, the default), 8 = classic")
-    p.add_argument("--nprobe", type=int, default=64, help="IVF lists probed per search")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help="IVF lists probed per search (default: 64 for ivf, 32 for ivfpq)")
     p.add_argument("--rerank-factor", type=int, default=4,
                    help="IVF-PQ candidates per wanted neighbour, re-scored exactly")
     p.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all)")
@@ -47,7 +48,7 @@ def cmd_build_ann(a: argparse.Namespace) -> int:
     from ..stores.uri import open_store
 
     for name in ("hnsw_m", "ef_construction", "ef_search", "nprobe", "rerank_factor"):
-        if getattr(a, name) < 1:
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             raise InvalidArgumentError(f"--{name.replace('_', '-')} must be >= 1")
     if a.nlist is not None and a.nlist < 1 or a.pq_m is not None and a.pq_m < 1:
         raise InvalidArgumentError("--nlist and --pq-m must be >= 1")
