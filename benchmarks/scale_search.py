@@ -538,7 +538,7 @@ def main() -> None:
     ap.add_argument("--ef-construction", type=int, default=80)
     ap.add_argument("--ef-search", type=int, default=64)
     ap.add_argument("--nprobe", type=int, default=None,
-                    help="IVF lists probed (default: the index's, 64 ivf / 32 ivfpq)")
+                    help="IVF lists probed (default: the index's own, 64)")
     ap.add_argument("--rerank-factor", type=int, default=4)
     ap.add_argument("--filter-exact-above", type=float, default=1.0,
                     help="score a filter's items exactly when the widened search would read "

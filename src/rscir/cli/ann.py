@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pq-bits", type=int, choices=[4, 8], default=4,
                    help="bits per PQ code: 4 = FastScan (SIMD scan, the default), 8 = classic")
     p.add_argument("--nprobe", type=int, default=None,
-                   help="IVF lists probed per search (default: 64 for ivf, 32 for ivfpq)")
+                   help="IVF lists probed per search (default 64)")
     p.add_argument("--rerank-factor", type=int, default=4,
                    help="IVF-PQ candidates per wanted neighbour, re-scored exactly")
     p.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all)")

@@ -91,9 +91,9 @@ class AnnParams:
     nlist: int | None = None  # IVF lists; default ~2·√n (ivfpq: at most 4096, see resolved())
     pq_m: int | None = None  # PQ sub-quantizers; default d·8/(8·pq_bits): d/8 bytes per vector
     pq_bits: int = 4  # 4: FastScan (SIMD lookups, fastest scan); 8: classic IndexIVFPQ
-    # lists probed; None: 64 for ivf (1M items, 2,000 lists: recall@10 0.983 at 32, 0.991 at
-    # 64), 32 for ivfpq (10M, 4,096 lists: 0.995 counting ties at 32 as at 64, p50 18 vs 32 ms:
-    # the exact re-ranking of the wider candidate lists costs more than it finds)
+    # lists probed; None = 64 (1M items, 2,000 lists: recall@10 0.983 at 32, 0.991 at 64; 10M
+    # ivfpq, 4,096 lists: the same recall at 32 and 64, latency within run-to-run noise, and
+    # filtered recall lower at 32)
     nprobe: int | None = None
     rerank_factor: int = 4  # ivfpq: candidates per wanted neighbour, re-ranked exactly
     rerank_extra_max: int = 3072  # ... but at most this many more than wanted (deep streams)
@@ -140,8 +140,8 @@ class AnnParams:
         return replace(self, nlist=max(1, nlist), pq_m=pq_m, nprobe=self.probe(kind))
 
     def probe(self, kind: str = "") -> int:
-        """``nprobe``, or its default for ``kind``."""
-        return self.nprobe or (32 if kind == "ivfpq" else 64)
+        """``nprobe``, or its default (the same for every IVF kind so far)."""
+        return self.nprobe or 64
 
 
 def _largest_divisor_at_most(d: int, m: int) -> int:
