@@ -3,6 +3,8 @@ and a live PostgreSQL server with pgvector (from the PyPI package ``pgserver-sea
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -41,6 +43,26 @@ def tiny_encoder():
     from rscir.encoders import load_encoder
 
     return load_encoder("rscir-tiny", device="cpu")
+
+
+@contextlib.contextmanager
+def local_ray(by_value: object = None) -> Iterator[str]:
+    """One small local Ray instance (2 CPUs) for a test module, shut down afterwards; skips when
+    a session already runs in this process. ``by_value``: a module whose helpers travel to the
+    workers by value (registry factories defined in a test file)."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already running in this process")
+    if by_value is not None:
+        ray.cloudpickle.register_pickle_by_value(by_value)
+    ctx = ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
+                   logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        yield ctx.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+        if by_value is not None:
+            ray.cloudpickle.unregister_pickle_by_value(by_value)
 
 
 def make_image_folder(root: Path, classes: dict[str, int], size: int = 48, seed: int = 0) -> Path:

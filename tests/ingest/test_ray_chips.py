@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import local_ray
 from geo_fixtures import bigearthnet_v1, s2_scene
 
 from rscir.ingest import index_folder
@@ -23,14 +23,8 @@ COLS = ["path", "size", "mtime_ns", "width", "height", "label", "lon", "lat", "d
 
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    if ray.is_initialized():
-        pytest.skip("a Ray session is already running in this process")
-    ctx = ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
-                   logging_level=logging.WARNING, log_to_driver=False)
-    try:
-        yield ctx.address_info["gcs_address"]
-    finally:
-        ray.shutdown()
+    with local_ray() as address:
+        yield address
 
 
 def same_store(a: Path, b: Path) -> None:

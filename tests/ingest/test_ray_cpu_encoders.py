@@ -4,13 +4,12 @@ whose input is a hand-crafted descriptor) goes through the same path."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_image_folder
+from conftest import local_ray, make_image_folder
 
 from rscir.encoders import load_encoder
 from rscir.ingest import index_folder
@@ -21,14 +20,8 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    if ray.is_initialized():
-        pytest.skip("a Ray session is already running in this process")
-    ctx = ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
-                   logging_level=logging.WARNING, log_to_driver=False)
-    try:
-        yield ctx.address_info["gcs_address"]
-    finally:
-        ray.shutdown()
+    with local_ray() as address:
+        yield address
 
 
 def test_preserve_order_equals_local_id_for_id(tmp_path: Path, ray_address: str,

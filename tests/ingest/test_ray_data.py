@@ -6,7 +6,6 @@ the Postgres store as well. One local Ray instance (2 CPUs, small object store) 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_image_folder
+from conftest import local_ray, make_image_folder
 
 from rscir.cli import main
 from rscir.encoders import ModelRegistry, default_registry
@@ -65,18 +64,9 @@ def test_block_rows() -> None:
 # --------------------------------------------------------------------------- Ray session
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    """One small local Ray instance for the module, shut down (raylet and all) afterwards."""
-    if ray.is_initialized():
-        pytest.skip("a Ray session is already running in this process")
     # this module's helpers (registry factories) travel to workers by value
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ctx = ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
-                   logging_level=logging.WARNING, log_to_driver=False)
-    try:
-        yield ctx.address_info["gcs_address"]
-    finally:
-        ray.shutdown()
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    with local_ray(by_value=sys.modules[__name__]) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")

@@ -388,28 +388,20 @@ class AnnIndex:
             ef = min(max(p.ef_search_max, depth), math.ceil(max(p.ef_search, depth) / frac))
 
             def run_hnsw(qs: np.ndarray, breadth: int) -> np.ndarray:
-                sp = faiss.SearchParametersHNSW()
-                sp.efSearch = breadth
-                if sel is not None:
-                    sp.sel = sel
+                sp = _search_params(faiss.SearchParametersHNSW, sel, efSearch=breadth)
                 return self.index.search(qs, depth, params=sp)[1]
 
             return self._widen(run_hnsw, q, depth, n_ok, ef, max(p.ef_search_max, depth))
         ivf = self.ivf()
         if ivf is None:  # flat: exact, filtered inside the scan
-            sp = faiss.SearchParameters()
-            if sel is not None:
-                sp.sel = sel
+            sp = _search_params(faiss.SearchParameters, sel)
             return self.index.search(q, depth, params=sp)[1].astype(np.int64)
         nlist = int(ivf.nlist)
         extra = min((max(1, p.rerank_factor) - 1) * depth, p.rerank_extra_max)
         kk = depth if self.kind == "ivf" else min(depth + extra, self.ntotal)
 
         def run_ivf(qs: np.ndarray, nprobe: int) -> np.ndarray:
-            sp = faiss.SearchParametersIVF()
-            sp.nprobe = nprobe
-            if sel is not None:
-                sp.sel = sel
+            sp = _search_params(faiss.SearchParametersIVF, sel, nprobe=nprobe)
             return self.index.search(qs, kk, params=sp)[1]
 
         nprobe = min(nlist, math.ceil(p.probe(self.kind) / frac))
@@ -431,6 +423,16 @@ class AnnIndex:
             rows[todo] = run(np.ascontiguousarray(q[todo]), breadth)
             todo = todo[(rows[todo] >= 0).sum(axis=1) < need]
         return rows
+
+
+def _search_params(cls: Any, sel: Any, **fields: Any) -> Any:
+    """FAISS per-call search parameters of class ``cls`` with an optional ID selector."""
+    sp = cls()
+    for name, value in fields.items():
+        setattr(sp, name, value)
+    if sel is not None:
+        sp.sel = sel
+    return sp
 
 
 def rerank(embeddings: np.ndarray, cand: np.ndarray, q: np.ndarray, depth: int,
