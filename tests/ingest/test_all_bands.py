@@ -176,3 +176,26 @@ def test_ray_cpu_path_decodes_all_bands(tmp_path: Path) -> None:
     local = embeddings_by_path(tmp_path / "s")
     for i in range(len(plan)):
         np.testing.assert_allclose(cols["emb"][i], local[plan.path(i)], atol=1e-6)
+
+
+def test_outside_query_file_read_with_all_bands(tmp_path: Path) -> None:
+    """A 12-band file outside the archive, queried on a classic-ms store, is read as the
+    store's items were (every band, the store's sensor scaling): its query vector equals the
+    stored embedding of the same pixels, and its NIR twin is not the top hit."""
+    from rscir.search import Searcher
+
+    data = nir_scene(tmp_path / "a" / "scene.tif")
+    opts = {"num_workers": 0, "progress": False, "dtype": "float32", "chip_size": 64,
+            "sensor": "sentinel2-l2a"}
+    index_folder(tmp_path / "a", tmp_path / "ms", load_encoder("classic-ms"), **opts)
+    st = DirectoryStore.open(tmp_path / "ms")
+    right = write_geotiff(tmp_path / "q" / "right.tif", data[:, :, 64:], nodata=0)
+    s = Searcher(st, load_encoder_for_store(st))
+    vec, iid = s.image_vector(right)
+    assert iid is None  # not an archive file: encoded, not looked up
+    emb = embeddings_by_path(tmp_path / "ms")
+    want = next(v for p, v in emb.items() if "window=64," in p)
+    np.testing.assert_allclose(vec, want, atol=1e-5)
+    rows, _ = s.search_vectors(vec[None], None, "image", 0.0, 2)
+    top = st.items_for_ids(rows[0][:1])["path"].iloc[0]
+    assert "window=64," in top

@@ -1,16 +1,19 @@
 """An item's image as search saw it: the chip (not its scene), the patch's RGB band stack, read
-with the bands and scaling the store was indexed with — for thumbnails and contact sheets."""
+with the bands and scaling the store was indexed with — for thumbnails and contact sheets; and
+an outside query file read as the store's all-band encoder reads its items."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ..errors import PathNotFoundError
 from ..stores.base import EmbeddingStore
 from .bigearthnet import patch_files
-from .images import DEFAULT_MAX_PIXELS, load_image
+from .images import DEFAULT_MAX_PIXELS, decode_unit, load_image
 from .rasters import RasterCache, read_unit
 from .scenes import read_settings, read_sources
 from .sensors import RasterRead
@@ -52,3 +55,23 @@ def item_image(store: EmbeddingStore, rel: str, max_pixels: int = DEFAULT_MAX_PI
         cache.close()
     assert d.rgb is not None  # settings never ask for an all-band read
     return Image.fromarray(d.rgb)
+
+
+def query_bands(store: EmbeddingStore, path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS
+                ) -> Image.Image | np.ndarray:
+    """A query file outside the archive as an all-band encoder (``classic-ms``) sees the store's
+    items: every band as (C, H, W) reflectance, scaled with the store's sensor preset or
+    stretch (a JPEG/PNG: its 3 bands / 255). Raises
+    :class:`~rscir.errors.ImageDecodeError` when it cannot be decoded."""
+    p = Path(path)
+    r = read_settings(store).get("read")
+    read = replace(RasterRead.from_dict(r) if isinstance(r, dict) else RasterRead(),
+                   all_bands=True)
+    cache = RasterCache(max_open=1, max_pixels=max_pixels)
+    try:
+        img, _, _ = decode_unit(p.parent, UnitTask((p.name,), None, False), read, cache,
+                                max_pixels)
+    finally:
+        cache.close()
+    assert img is not None  # a whole file is never skipped as an empty chip
+    return img

@@ -176,6 +176,10 @@ class Searcher:
             iid = self._id_of_file(p)
             if iid is not None:
                 return self.item_vector(iid), iid
+            if self._require_encoder().wants_bands == "all":  # every band, as items were read
+                from ..ingest.render import query_bands
+
+                return self.encode_image(query_bands(self.store, p)), None
             pil, _ = load_image(p)
             return self.encode_image(pil), None
         return self.encode_image(image), None
