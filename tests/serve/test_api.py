@@ -526,9 +526,14 @@ def test_postgres_backend_serves_the_same_results(pg_client, client, archive) ->
         a, b = client.post("/search", json=q), pg_client.post("/search", json=q)
         assert a.status_code == b.status_code == 200, (q, b.text)
         for ra, rb in zip(a.json()["results"], b.json()["results"], strict=True):
-            assert [h["id"] for h in rb["hits"]] == [h["id"] for h in ra["hits"]], q
             np.testing.assert_allclose([h["score"] for h in rb["hits"]],
                                        [h["score"] for h in ra["hits"]], atol=1e-5)
+            # the same ids in the same order, but for near-duplicate items (equal in the
+            # float16 embedded store, 1e-7 apart in the float32 Postgres one) in either order
+            score_a = {h["id"]: h["score"] for h in ra["hits"]}
+            for ha, hb in zip(ra["hits"], rb["hits"], strict=True):
+                assert hb["id"] == ha["id"] or (
+                    hb["id"] in score_a and abs(score_a[hb["id"]] - ha["score"]) <= 1e-5), q
     up_a = upload(client, archive["query"].read_bytes(), {"texts": ["sea"], "k": 5})
     up_b = upload(pg_client, archive["query"].read_bytes(), {"texts": ["sea"], "k": 5})
     assert hits(up_b)[0] == hits(up_a)[0]
