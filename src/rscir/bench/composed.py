@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -413,6 +414,23 @@ def _rank_metrics(fused: np.ndarray, cols: np.ndarray, valid: np.ndarray, n_rel:
     return ap, rec, prec
 
 
+def text_side(encode_texts: Callable[[list[str]], np.ndarray], texts: Sequence[str],
+              methods: Sequence[str] | None, opts: FusionOptions,
+              ) -> tuple[np.ndarray, list[str], Any]:
+    """What every composed benchmark needs from the model's text tower: the queries' text
+    features, the methods to run (default: the ablation) and, when one of them needs it, the
+    text basis of objects and styles."""
+    from ..scoring import text_basis
+
+    tf = np.asarray(encode_texts(list(texts)), np.float64)
+    names = list(methods or ablation_methods(True))
+    basis = None
+    if any(method_spec(m).needs_encoder for m in names):
+        basis = text_basis(encode_texts, opts.objects, opts.styles, alpha=opts.alpha,
+                           n_components=opts.n_components)
+    return tf, names, basis
+
+
 def evaluate(
     embeddings: np.ndarray,
     moments: object,
@@ -542,8 +560,6 @@ def run_composed(
     progress: Callable[[str], None] | None = None,
 ) -> ComposedResult:
     """The real-tile benchmark end to end (``subset``: ``all`` or ``heldout``)."""
-    from ..scoring import text_basis
-
     if subset not in ("all", "heldout"):
         raise InvalidArgumentError(f"subset must be 'all' or 'heldout', got {subset!r}")
     tiles = load_tileset(data, archive.paths)
@@ -560,12 +576,7 @@ def run_composed(
     opts = options or FusionOptions()
     if encode_texts is None:
         raise InvalidArgumentError("the composed benchmark needs the model's text encoder")
-    tf = np.asarray(encode_texts(list(queries.texts)), np.float64)
-    names = list(methods or ablation_methods(True))
-    basis = None
-    if any(method_spec(m).needs_encoder for m in names):
-        basis = text_basis(encode_texts, opts.objects, opts.styles, alpha=opts.alpha,
-                           n_components=opts.n_components)
+    tf, names, basis = text_side(encode_texts, queries.texts, methods, opts)
     res = evaluate(archive.embeddings, archive.moments, queries, tf,
                    names, lams, options=opts, basis=basis,
                    progress=progress)

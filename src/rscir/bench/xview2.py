@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidArgumentError, PathNotFoundError
-from ..scoring import FusionOptions, method_spec, text_basis
-from .composed import Archive, ComposedQueries, ComposedResult, evaluate
+from ..scoring import FusionOptions
+from .composed import Archive, ComposedQueries, ComposedResult, evaluate, text_side
 
 COLUMNS: tuple[str, ...] = ("image", "query_default", "query_alt1", "query_alt2", "target")
 QUERY_COLUMNS: tuple[str, ...] = ("query_default", "query_alt1", "query_alt2")
@@ -227,8 +227,6 @@ def run_xview2(
     progress: Callable[[str], None] | None = None,
 ) -> ComposedResult:
     """The protocol end to end; ``archive_for(gallery_paths)`` supplies the features."""
-    from .composed import ablation_methods
-
     cir = read_xview2_csv(csv_path)
     paths = cir.gallery(gallery)
     archive = archive_for(paths)
@@ -243,12 +241,7 @@ def run_xview2(
         queries = ComposedQueries(
             queries.task, np.tile([pos[p] for p in cir.images], n_cols).astype(np.int64),
             queries.text, queries.texts, queries.group, queries.relevant, queries.split)
-    tf = np.asarray(encode_texts(list(queries.texts)), np.float64)
-    names = list(methods or ablation_methods(True))
-    basis = None
-    if any(method_spec(m).needs_encoder for m in names):
-        basis = text_basis(encode_texts, opts.objects, opts.styles, alpha=opts.alpha,
-                           n_components=opts.n_components)
+    tf, names, basis = text_side(encode_texts, queries.texts, methods, opts)
     res = evaluate(archive.embeddings, archive.moments, queries, tf,
                    names, lams, options=opts, basis=basis,
                    exclude_query=not keep_query, ks=KS, query_vectors=qvec,
