@@ -216,6 +216,13 @@ def cmd_patterncom(a: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- composed / xView2
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    """Where a composed benchmark writes its report, and how it talks while running."""
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summaries as JSON")
+
+
 def _add_fusion_args(p: argparse.ArgumentParser) -> None:
     """Methods, λ and the options of the new fusions (``rscir.scoring.FusionOptions``)."""
     g = p.add_argument_group("methods")
@@ -327,9 +334,7 @@ def register_composed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", metavar="FILE", help="PatternCom: store dir or features pickle")
     p.add_argument("--text-features", metavar="FILE", help="PatternCom: text features file")
     _add_fusion_args(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    _add_output_args(p)
     p.set_defaults(func=cmd_composed)
 
 
@@ -396,9 +401,7 @@ def register_xview2(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-query", action="store_true",
                    help="keep the query image in its own ranking")
     _add_fusion_args(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    _add_output_args(p)
     p.set_defaults(func=cmd_xview2)
 
 
